@@ -1,0 +1,1 @@
+"""Structural matching, preconditions, the rewrite driver and the fusion report."""
