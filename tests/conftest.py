@@ -1,0 +1,17 @@
+"""Shared pytest configuration: Hypothesis profiles.
+
+Profiles (select with the environment variable ``FUSEC_HYPOTHESIS_PROFILE``, default ``ci``):
+
+* ``ci``: 25 examples per property, no deadline, random seeds (not derandomized).
+* ``deep``: 400 examples per property, no deadline, for occasional thorough runs.
+"""
+
+from __future__ import annotations
+
+import os
+
+from hypothesis import settings
+
+settings.register_profile("ci", max_examples=25, deadline=None, derandomize=False)
+settings.register_profile("deep", max_examples=400, deadline=None)
+settings.load_profile(os.environ.get("FUSEC_HYPOTHESIS_PROFILE", "ci"))
