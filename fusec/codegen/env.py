@@ -1,0 +1,55 @@
+"""The Jinja2 environment for kernel templates (``StrictUndefined``: a missing variable is an error).
+
+Templates live in ``templates/<backend>/`` (``wgsl``, ``cuda``, ``msl``) and ``templates/common/``
+(skeletons shared by the C-family dialects). Template errors are re-raised as
+:class:`fusec.errors.CodegenError` with the template name and line.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import jinja2
+
+from ..errors import CodegenError
+from ..ir.dtypes import DType
+from ..resources import templates_dir
+
+# per-backend dialect tables: element type names in storage and in registers
+TYPE_NAMES = {
+    "wgsl": {DType.F32: "f32", DType.F16: "f16", DType.I32: "i32"},
+    "cuda": {DType.F32: "float", DType.F16: "half", DType.I32: "int"},
+    "msl": {DType.F32: "float", DType.F16: "half", DType.I32: "int"},
+}
+PARAM_TYPE_NAMES = {
+    "wgsl": {"u32": "u32", "i32": "i32", "f32": "f32"},
+    "cuda": {"u32": "unsigned int", "i32": "int", "f32": "float"},
+    "msl": {"u32": "uint", "i32": "int", "f32": "float"},
+}
+
+
+@functools.cache
+def environment() -> jinja2.Environment:
+    env = jinja2.Environment(
+        loader=jinja2.FileSystemLoader(str(templates_dir())),
+        undefined=jinja2.StrictUndefined,
+        trim_blocks=True,
+        lstrip_blocks=True,
+        keep_trailing_newline=True,
+        autoescape=False,
+    )
+    return env
+
+
+def render(template: str, **ctx: Any) -> str:
+    """Render ``template`` (path relative to ``templates/``); raises :class:`CodegenError` with the
+    template's name and line on any template error."""
+    try:
+        return environment().get_template(template).render(**ctx)
+    except jinja2.TemplateSyntaxError as e:
+        raise CodegenError(f"{e.filename or template}:{e.lineno}: template syntax error: {e.message}") from None
+    except jinja2.UndefinedError as e:
+        raise CodegenError(f"templates/{template}: {e.message}") from None
+    except jinja2.TemplateNotFound as e:
+        raise CodegenError(f"template not found: {e.name}") from None

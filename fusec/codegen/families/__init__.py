@@ -1,0 +1,1 @@
+"""Kernel families: one module per template family; each registers itself with ``@family``."""
