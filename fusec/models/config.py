@@ -1,0 +1,220 @@
+"""Llama-family model hyper-parameters read from a Hugging Face ``config.json``.
+
+The fields mirror llama.cpp's ``llama_hparams`` as filled by ``convert_hf_to_gguf.py``
+(``LlamaModel``): ``n_embd`` = ``hidden_size``, ``n_head`` = ``num_attention_heads`` and so on.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..errors import FusecError
+
+CONFIGS_DIR = Path(__file__).parent / "configs"
+SUPPORTED_MODEL_TYPES = frozenset({"llama"})
+SUPPORTED_ARCHITECTURES = frozenset({"LlamaForCausalLM"})
+
+
+class ModelError(FusecError):
+    """A model request that cannot be served: unknown or unsupported config, bad graph sizes, bad weights."""
+
+
+class ConfigError(ModelError):
+    """A model configuration that cannot be found, parsed or supported."""
+
+
+@dataclass(frozen=True)
+class RopeScaling:
+    """Llama 3 RoPE frequency scaling (``rope_scaling`` with ``rope_type == "llama3"``).
+
+    Attributes:
+        factor: divisor applied to low frequencies (dimensionless).
+        low_freq_factor, high_freq_factor: wavelength band limits as divisors of
+            ``original_max_position_embeddings`` (dimensionless).
+        original_max_position_embeddings: pre-training context length, in tokens.
+    """
+
+    factor: float
+    low_freq_factor: float
+    high_freq_factor: float
+    original_max_position_embeddings: int
+
+
+@dataclass(frozen=True)
+class LlamaConfig:
+    """Hyper-parameters of a ``LlamaForCausalLM`` model.
+
+    Attributes:
+        name: display name (shipped config stem or the file's parent folder name).
+        hidden_size: ``n_embd``, elements per token embedding.
+        intermediate_size: ``n_ff``, elements of the FFN hidden layer.
+        num_attention_heads: ``n_head``.
+        num_key_value_heads: ``n_head_kv`` (GQA: ``n_head % n_head_kv == 0``).
+        head_dim: ``n_embd_head`` (= ``n_rot``), default ``hidden_size // num_attention_heads``.
+        num_hidden_layers: ``n_layer``.
+        rms_norm_eps: ``f_norm_rms_eps``.
+        rope_theta: ``rope_freq_base``.
+        rope_scaling: llama3 scaling or ``None``.
+        vocab_size: ``n_vocab``.
+        tie_word_embeddings: the output projection reuses ``token_embd.weight``.
+        max_position_embeddings: ``n_ctx_train``, in tokens.
+    """
+
+    name: str
+    hidden_size: int
+    intermediate_size: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    num_hidden_layers: int
+    rms_norm_eps: float
+    rope_theta: float
+    rope_scaling: RopeScaling | None
+    vocab_size: int
+    tie_word_embeddings: bool
+    max_position_embeddings: int
+
+    # -- derived sizes (llama_hparams vocabulary) -------------------------------------------------
+    @property
+    def n_embd_k_gqa(self) -> int:
+        """Elements of one token's K row in the cache (``head_dim * n_head_kv``)."""
+        return self.head_dim * self.num_key_value_heads
+
+    @property
+    def n_embd_v_gqa(self) -> int:
+        """Elements of one token's V row in the cache (``head_dim * n_head_kv``)."""
+        return self.head_dim * self.num_key_value_heads
+
+    def with_layers(self, n: int) -> LlamaConfig:
+        """A copy truncated (or extended) to ``n`` layers; raises :class:`ConfigError` for ``n < 1``."""
+        if int(n) < 1:
+            raise ConfigError(f"a model needs at least 1 layer, got {n}")
+        return dataclasses.replace(self, num_hidden_layers=int(n), name=f"{self.name}-L{int(n)}")
+
+    def rope_freq_factors(self) -> np.ndarray | None:
+        """Llama 3 RoPE frequency factors (f32, ne = [head_dim/2]) or ``None`` without scaling.
+
+        Computed as llama.cpp's converter does (``convert_hf_to_gguf.py``
+        ``LlamaModel.generate_extra_tensors``, stored as ``rope_freqs.weight``): for each base
+        frequency ``f_i = rope_theta ** (-2i/head_dim)`` with wavelength ``w = 2*pi/f_i`` (tokens),
+        the factor is 1 when ``w < L/high_freq_factor``, ``factor`` when ``w > L/low_freq_factor``
+        and ``1 / ((1 - s)/factor + s)`` with ``s = (L/w - low_freq_factor) / (high_freq_factor -
+        low_freq_factor)`` in between (``L = original_max_position_embeddings``). ggml_rope_ext
+        divides each rotation angle by its factor.
+        """
+        rs = self.rope_scaling
+        if rs is None:
+            return None
+        dim = self.head_dim
+        freqs = 1.0 / (float(self.rope_theta) ** (np.arange(0, dim, 2, dtype=np.float64) / dim))
+        low_wavelen = rs.original_max_position_embeddings / rs.low_freq_factor
+        high_wavelen = rs.original_max_position_embeddings / rs.high_freq_factor
+        out = []
+        for f in freqs:
+            wavelen = 2.0 * math.pi / f
+            if wavelen < high_wavelen:
+                out.append(1.0)
+            elif wavelen > low_wavelen:
+                out.append(rs.factor)
+            else:
+                smooth = ((rs.original_max_position_embeddings / wavelen - rs.low_freq_factor)
+                          / (rs.high_freq_factor - rs.low_freq_factor))
+                out.append(1.0 / ((1.0 - smooth) / rs.factor + smooth))
+        return np.asarray(out, dtype=np.float32)
+
+
+def shipped_configs() -> list[str]:
+    """Names of the shipped configs (stems of ``fusec/models/configs/*.json``), sorted."""
+    return sorted(p.stem for p in CONFIGS_DIR.glob("*.json"))
+
+
+def load_config(name_or_path: str | Path) -> LlamaConfig:
+    """Load a :class:`LlamaConfig` from a shipped name (``"llama-3.2-1b"``, ``"smollm2-135m"``) or
+    from a path to a Hugging Face ``config.json``.
+
+    Raises :class:`ConfigError` (a ``FusecError``) for an unknown name (listing the shipped ones),
+    an unreadable file, or an unsupported ``model_type``/architecture or RoPE scaling type.
+    """
+    s = str(name_or_path)
+    shipped = CONFIGS_DIR / f"{s}.json"
+    if "/" not in s and "\\" not in s and not s.endswith(".json") and shipped.is_file():
+        path, name = shipped, s
+    else:
+        path = Path(s)
+        if not path.is_file():
+            raise ConfigError(f"unknown model config {s!r}: not a shipped config and not a file; "
+                              f"shipped configs: {', '.join(shipped_configs())}")
+        name = path.stem if path.stem != "config" else path.resolve().parent.name
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"cannot read model config {str(path)!r}: {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"model config {str(path)!r} is not a JSON object")
+    return config_from_dict(data, name=name)
+
+
+def config_from_dict(data: dict[str, Any], name: str = "model") -> LlamaConfig:
+    """Build a :class:`LlamaConfig` from a parsed HF ``config.json``; raises :class:`ConfigError`."""
+    mt = data.get("model_type")
+    archs = data.get("architectures") or []
+    if mt not in SUPPORTED_MODEL_TYPES or (archs and not set(archs) & SUPPORTED_ARCHITECTURES):
+        raise ConfigError(f"model {name!r}: unsupported model_type={mt!r} architectures={archs}; "
+                          f"supported: model_type {sorted(SUPPORTED_MODEL_TYPES)} with "
+                          f"architectures {sorted(SUPPORTED_ARCHITECTURES)}")
+    try:
+        hidden = int(data["hidden_size"])
+        n_head = int(data["num_attention_heads"])
+        n_head_kv = int(data.get("num_key_value_heads") or n_head)
+        head_dim = int(data.get("head_dim") or hidden // n_head)
+        rope_scaling = _rope_scaling(data.get("rope_scaling"), name)
+        cfg = LlamaConfig(
+            name=name,
+            hidden_size=hidden,
+            intermediate_size=int(data["intermediate_size"]),
+            num_attention_heads=n_head,
+            num_key_value_heads=n_head_kv,
+            head_dim=head_dim,
+            num_hidden_layers=int(data["num_hidden_layers"]),
+            rms_norm_eps=float(data.get("rms_norm_eps", 1e-6)),
+            rope_theta=float(data.get("rope_theta", 10000.0)),
+            rope_scaling=rope_scaling,
+            vocab_size=int(data["vocab_size"]),
+            tie_word_embeddings=bool(data.get("tie_word_embeddings", False)),
+            max_position_embeddings=int(data.get("max_position_embeddings", 2048)),
+        )
+    except KeyError as e:
+        raise ConfigError(f"model {name!r}: config.json lacks {e.args[0]!r}") from None
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"model {name!r}: bad config value: {e}") from None
+    if n_head % n_head_kv != 0:
+        raise ConfigError(f"model {name!r}: num_attention_heads={n_head} is not a multiple of "
+                          f"num_key_value_heads={n_head_kv}")
+    if head_dim % 2 != 0:
+        raise ConfigError(f"model {name!r}: head_dim={head_dim} must be even for RoPE")
+    return cfg
+
+
+def _rope_scaling(rs: Any, name: str) -> RopeScaling | None:
+    if rs is None:
+        return None
+    if not isinstance(rs, dict):
+        raise ConfigError(f"model {name!r}: rope_scaling must be an object or null")
+    kind = str(rs.get("rope_type", rs.get("type", ""))).lower()
+    if kind in ("", "default"):
+        return None
+    if kind != "llama3":
+        raise ConfigError(f"model {name!r}: unsupported rope_scaling type {kind!r} (supported: llama3)")
+    return RopeScaling(
+        factor=float(rs.get("factor", 8.0)),
+        low_freq_factor=float(rs.get("low_freq_factor", 1.0)),
+        high_freq_factor=float(rs.get("high_freq_factor", 4.0)),
+        original_max_position_embeddings=int(rs.get("original_max_position_embeddings", 8192)),
+    )

@@ -1,0 +1,159 @@
+"""The Llama decode graph, op by op as llama.cpp builds it.
+
+Mirrors ``llama_model_llama::graph`` (``src/models/llama.cpp``) with ``llm_graph_context``'s
+``build_inp_embd``, ``build_norm`` (LLM_NORM_RMS), ``build_qkv``, ``build_attn`` /
+``build_attn_mha`` without flash attention, ``build_ffn`` (LLM_FFN_SILU, LLM_FFN_PAR) and the KV
+cache's ``cpy_k`` / ``cpy_v`` / ``get_k`` / ``get_v`` (``llama-kv-cache.cpp``, one sequence, one
+stream, transposed V cache). Tensor names are llama.cpp's (``cb(cur, "attn_norm", il)`` ->
+``attn_norm-0``); like llama.cpp, a few names repeat (``Qcur-0`` names both the projection and
+the roped result).
+"""
+
+from __future__ import annotations
+
+import math
+
+from ..ir.builder import GraphBuilder
+from ..ir.dtypes import F32, I32, DType
+from ..ir.graph import Graph
+from ..ir.tensor import Tensor
+from .config import LlamaConfig, ModelError
+from .weights import kv_cache_specs, weight_specs
+
+LLAMA_ROPE_TYPE_NORM = 0  # llama.cpp's rope type for LLM_ARCH_LLAMA (adjacent pairs)
+
+
+def build_llama_decode(cfg: LlamaConfig, n_tokens: int, n_kv: int, kv_size: int, *,
+                       kv_dtype: DType | str = "f32", weight_dtype: DType | str = "f32") -> Graph:
+    """Graph of one llama.cpp decode step (``llm_build_llama``) over ``n_tokens`` new tokens.
+
+    Inputs (flag ``input``):
+        ``inp_tokens`` i32 ne = [n_tokens]: token ids.
+        ``inp_pos`` i32 ne = [n_tokens]: absolute positions (tokens).
+        ``k_idxs`` i32 ne = [n_tokens]: KV cells written by each token (``set_input_k_idxs``).
+        ``v_idxs`` i32 ne = [n_embd_v_gqa * n_tokens]: flat indices into the transposed V cache,
+            entry ``i*n_embd_v_gqa + c`` = ``c*kv_size + k_idxs[i]`` (``set_input_v_idxs``).
+        ``kq_mask`` f32 ne = [n_kv, n_tokens]: 0 where token ``i`` may attend cell ``j``, -inf
+            elsewhere (``set_input_kq_mask``).
+
+    Persistent leaves (flag ``weight``): the GGUF-named weights of
+    :func:`fusec.models.weights.weight_specs` and the caches ``cache_k_l{il}`` / ``cache_v_l{il}``
+    (ne = [n_embd_{k,v}_gqa, kv_size], ``kv_dtype``), updated in place by SET_ROWS.
+
+    Output: ``result_output`` f32 ne = [n_vocab, n_tokens] (logits).
+
+    The attention reads ``n_kv`` cells (``n_kv <= kv_size``) through views of the SET_ROWS results,
+    so the cache write is an explicit dependency of the read. Raises :class:`ModelError` for bad
+    sizes or dtypes; :class:`fusec.errors.GraphError` would signal an internal shape bug.
+    """
+    n_tokens, n_kv, kv_size = int(n_tokens), int(n_kv), int(kv_size)
+    if n_tokens < 1:
+        raise ModelError(f"n_tokens must be >= 1, got {n_tokens}")
+    if not 1 <= n_kv <= kv_size:
+        raise ModelError(f"n_kv must be in 1..kv_size={kv_size}, got {n_kv}")
+    if n_tokens > kv_size:
+        raise ModelError(f"n_tokens={n_tokens} does not fit a KV cache of {kv_size} cells")
+    wspecs = weight_specs(cfg, weight_dtype)
+    cspecs = kv_cache_specs(cfg, kv_size, kv_dtype)
+
+    b = GraphBuilder()
+    w = {n: b.weight(n, s.dtype, s.ne) for n, s in wspecs.items()}
+    caches = {n: b.weight(n, s.dtype, s.ne) for n, s in cspecs.items()}
+
+    inp_tokens = b.input("inp_tokens", I32, (n_tokens,))
+    inp_pos = b.input("inp_pos", I32, (n_tokens,))
+    k_idxs = b.input("k_idxs", I32, (n_tokens,))
+    v_idxs = b.input("v_idxs", I32, (cfg.n_embd_v_gqa * n_tokens,))
+    kq_mask = b.input("kq_mask", F32, (n_kv, n_tokens))
+    rope_factors = w.get("rope_freqs.weight")
+
+    inp_l = b.get_rows(w["token_embd.weight"], inp_tokens, name="inp_embd")
+    kq_scale = 1.0 / math.sqrt(cfg.head_dim)
+    for il in range(cfg.num_hidden_layers):
+        p = f"blk.{il}."
+        inp_sa = inp_l
+        cur = _rms_norm(b, inp_l, w[p + "attn_norm.weight"], cfg.rms_norm_eps, f"norm-{il}", f"attn_norm-{il}")
+        q, k, v = _qkv(b, cfg, w, cur, inp_pos, rope_factors, il)
+        cur = _attn(b, cfg, w[p + "attn_output.weight"], caches[f"cache_k_l{il}"], caches[f"cache_v_l{il}"],
+                    q, k, v, k_idxs, v_idxs, kq_mask, kq_scale, n_kv, kv_size, il)
+        ffn_inp = b.add(cur, inp_sa, name=f"ffn_inp-{il}")
+        cur = _rms_norm(b, ffn_inp, w[p + "ffn_norm.weight"], cfg.rms_norm_eps, f"norm-{il}", f"ffn_norm-{il}")
+        cur = _ffn_swiglu(b, w[p + "ffn_up.weight"], w[p + "ffn_gate.weight"], w[p + "ffn_down.weight"], cur, il)
+        inp_l = b.add(cur, ffn_inp, name=f"l_out-{il}")
+
+    cur = _rms_norm(b, inp_l, w["output_norm.weight"], cfg.rms_norm_eps, "norm", "result_norm")
+    out_w = w["token_embd.weight"] if cfg.tie_word_embeddings else w["output.weight"]
+    logits = b.mul_mat(out_w, cur, name="result_output")
+    return b.build([logits])
+
+
+# ---------------------------------------------------------------------------------------------
+# building blocks (llm_graph_context methods)
+
+
+def _rms_norm(b: GraphBuilder, x: Tensor, weight: Tensor, eps: float, norm_name: str, name: str) -> Tensor:
+    """build_norm(LLM_NORM_RMS): RMS_NORM named ``norm_name`` then MUL by ``weight`` named ``name``."""
+    return b.mul(b.rms_norm(x, eps, name=norm_name), weight, name=name)
+
+
+def _qkv(b: GraphBuilder, cfg: LlamaConfig, w: dict[str, Tensor], cur: Tensor, inp_pos: Tensor,
+         rope_factors: Tensor | None, il: int) -> tuple[Tensor, Tensor, Tensor]:
+    """build_qkv + ggml_rope_ext: Q/K ne = [head_dim, n_head(_kv), n_tokens] roped, V unroped."""
+    p = f"blk.{il}."
+    n_tokens = cur.ne[1]
+    out = []
+    for tag, wname, n_head in (("Qcur", "attn_q", cfg.num_attention_heads),
+                               ("Kcur", "attn_k", cfg.num_key_value_heads),
+                               ("Vcur", "attn_v", cfg.num_key_value_heads)):
+        t = b.mul_mat(w[p + wname + ".weight"], cur, name=f"{tag}-{il}")
+        t = b.reshape(t, (cfg.head_dim, n_head, n_tokens), name=f"{tag}-{il} (reshaped)")
+        if tag != "Vcur":
+            t = b.rope(t, inp_pos, cfg.head_dim, mode=LLAMA_ROPE_TYPE_NORM, freq_factors=rope_factors,
+                       n_ctx_orig=cfg.max_position_embeddings, freq_base=cfg.rope_theta, freq_scale=1.0,
+                       ext_factor=0.0, attn_factor=1.0, beta_fast=32.0, beta_slow=1.0, name=f"{tag}-{il}")
+        out.append(t)
+    return out[0], out[1], out[2]
+
+
+def _cpy_k(b: GraphBuilder, cache_k: Tensor, k_cur: Tensor, k_idxs: Tensor, il: int) -> Tensor:
+    """llama_kv_cache::cpy_k: SET_ROWS of the [n_embd_k_gqa, n_tokens] view of K into the cache."""
+    n_embd_gqa = k_cur.ne[0] * k_cur.ne[1]
+    k2 = b.view(k_cur, (n_embd_gqa, k_cur.ne[2]), nb=(k_cur.nb[0], k_cur.nb[2]), name=f"Kcur-{il} (view)")
+    return b.set_rows(cache_k, k2, k_idxs, name=f"{cache_k.name} (view)")
+
+
+def _cpy_v(b: GraphBuilder, cache_v: Tensor, v_cur: Tensor, v_idxs: Tensor, il: int) -> Tensor:
+    """llama_kv_cache::cpy_v, transposed cache: one SET_ROWS row per element of V."""
+    n_el = v_cur.nelements
+    v_view = b.reshape(cache_v, (1, cache_v.nelements), name=f"{cache_v.name} (reshaped)")
+    v2 = b.reshape(v_cur, (1, n_el), name=f"Vcur-{il} (reshaped 1)")
+    return b.set_rows(v_view, v2, v_idxs, name=f"{cache_v.name} (reshaped) (view)")
+
+
+def _attn(b: GraphBuilder, cfg: LlamaConfig, wo: Tensor, cache_k: Tensor, cache_v: Tensor, q_cur: Tensor,
+          k_cur: Tensor, v_cur: Tensor, k_idxs: Tensor, v_idxs: Tensor, kq_mask: Tensor, kq_scale: float,
+          n_kv: int, kv_size: int, il: int) -> Tensor:
+    """build_attn (KV cache) + build_attn_mha without flash attention; returns ``attn_out-{il}``."""
+    hd, n_head_kv, n_tokens = cfg.head_dim, cfg.num_key_value_heads, q_cur.ne[2]
+    k_stored = _cpy_k(b, cache_k, k_cur, k_idxs, il)
+    v_stored = _cpy_v(b, cache_v, v_cur, v_idxs, il)
+    kes, ves = cache_k.dtype.size, cache_v.dtype.size
+    # get_k, already permuted (0, 2, 1, 3): [head_dim, n_kv, n_head_kv]
+    k = b.view(k_stored, (hd, n_kv, n_head_kv), nb=(kes, kes * cfg.n_embd_k_gqa, kes * hd), name=f"k-{il}")
+    # get_v of the transposed cache, permuted (0, 2, 1, 3): [n_kv, head_dim, n_head_kv]
+    v = b.view(v_stored, (n_kv, hd, n_head_kv), nb=(ves, ves * kv_size, ves * kv_size * hd), name=f"v-{il}")
+    q = b.permute(q_cur, 0, 2, 1, 3, name=f"q-{il}")  # [head_dim, n_tokens, n_head]
+    kq = b.mul_mat(k, q, name=f"kq-{il}")  # [n_kv, n_tokens, n_head]
+    kq = b.soft_max_ext(kq, kq_mask, scale=kq_scale, max_bias=0.0, name=f"kq_soft_max-{il}")
+    kqv = b.mul_mat(v, kq, name=f"kqv-{il}")  # [head_dim, n_tokens, n_head]
+    cur = b.permute(kqv, 0, 2, 1, 3, name=f"kqv-{il} (permuted)")  # [head_dim, n_head, n_tokens]
+    cur = b.cont(cur, (hd * cfg.num_attention_heads, n_tokens), name=f"kqv_out-{il}")
+    return b.mul_mat(wo, cur, name=f"attn_out-{il}")
+
+
+def _ffn_swiglu(b: GraphBuilder, up_w: Tensor, gate_w: Tensor, down_w: Tensor, cur: Tensor, il: int) -> Tensor:
+    """build_ffn(LLM_FFN_SILU, LLM_FFN_PAR): down(swiglu(gate(x), up(x))); returns ``ffn_out-{il}``."""
+    up = b.mul_mat(up_w, cur, name=f"ffn_up-{il}")
+    gate = b.mul_mat(gate_w, cur, name=f"ffn_gate-{il}")
+    act = b.swiglu(gate, up, name=f"ffn_swiglu-{il}")
+    return b.mul_mat(down_w, act, name=f"ffn_out-{il}")
