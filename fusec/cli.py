@@ -1,0 +1,358 @@
+"""The ``fusec`` command line.
+
+Commands: ``check`` (validate pattern files), ``compile`` (rewrite a model or JSON graph and emit
+kernels), ``run`` (decode tokens on a backend, optionally verified against the unfused numpy
+interpreter), ``test`` (property-based equivalence suite for any pattern files), ``bench``.
+
+User errors (:class:`fusec.errors.FusecError`) print one line ``fusec: error: ...`` and exit 2,
+without a traceback. Outputs are written atomically (a temporary folder renamed into place).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from . import __version__
+from .errors import FusecError
+
+
+class UsageError(FusecError):
+    """Bad command-line arguments."""
+
+
+# -- helpers -------------------------------------------------------------------------------------
+
+
+def _console():
+    from rich.console import Console
+
+    return Console(highlight=False)
+
+
+def _patterns(args):
+    from .dsl import default_patterns, load_patterns
+
+    if getattr(args, "patterns", None):
+        return load_patterns(args.patterns)
+    return default_patterns()
+
+
+def _load_graph(args):
+    """The graph named by ``--model`` or ``--graph`` (decode graph for models)."""
+    from .ir import loads
+
+    if args.graph:
+        path = Path(args.graph)
+        if not path.is_file():
+            raise UsageError(f"no such graph file: {path}")
+        return loads(path.read_text(encoding="utf-8"), str(path)), path.stem
+    from .models import build_llama_decode, load_config
+
+    cfg = load_config(args.model)
+    if args.layers:
+        cfg = cfg.with_layers(args.layers)
+    n_kv = min(args.n_ctx, args.n_kv)
+    return build_llama_decode(cfg, args.n_tokens, n_kv, args.n_ctx), cfg.name
+
+
+class AtomicDir:
+    """Write into a temporary sibling folder; on success replace ``path`` with it."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def __enter__(self) -> Path:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.path.name}.tmp-", dir=self.path.parent))
+        return self.tmp
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is not None:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+            return
+        old = None
+        if self.path.exists():
+            old = self.path.with_name(f".{self.path.name}.old-{os.getpid()}")
+            os.replace(self.path, old)
+        os.replace(self.tmp, self.path)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def _write(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text, encoding="utf-8")
+
+
+# -- check ---------------------------------------------------------------------------------------
+
+
+def cmd_check(args) -> int:
+    from .dsl import load_patterns
+
+    pats = load_patterns(args.files)
+    for p in pats:
+        ops = " -> ".join(p.ops)
+        print(f"{p.file}:{p.line}: {p.name}: {ops} => {p.fused_op} [kernel {p.kernel}] benefit {p.benefit}: ok")
+    print(f"{len(pats)} pattern(s) ok")
+    return 0
+
+
+# -- compile -------------------------------------------------------------------------------------
+
+
+def print_report(console, report) -> None:
+    from rich.table import Table
+
+    d = report.to_dict()
+    table = Table(title="fusion report")
+    for col in ("pattern", "matches", "nodes removed", "bytes saved"):
+        table.add_column(col, justify="left" if col == "pattern" else "right")
+    for name, row in sorted(d["patterns"].items()):
+        table.add_row(name, str(row["matches"]), str(row["nodes_removed"]), f"{row['bytes_saved']:,}")
+    console.print(table)
+    nf = d.get("not_fused", [])
+    if nf:
+        console.print(f"not fused ({len(nf)}):")
+        for item in nf[:20]:
+            console.print(f"  {item['pattern']} at {item['node']!r}: {item['reason']}")
+        if len(nf) > 20:
+            console.print(f"  ... {len(nf) - 20} more in report.json")
+
+
+def cmd_compile(args) -> int:
+    from .codegen import check as cgcheck
+    from .codegen import emit, needs_kernel
+    from .ir import dumps
+    from .rewrite import rewrite
+
+    targets = [t.strip() for t in args.target.split(",") if t.strip()]
+    bad = [t for t in targets if t not in ("wgsl", "cuda", "msl")]
+    if bad or not targets:
+        raise UsageError(f"--target takes a comma list of wgsl, cuda, msl; got {args.target!r}")
+    console = _console()
+    graph, label = _load_graph(args)
+    pats = _patterns(args)
+    t0 = time.perf_counter()
+    fused, report = rewrite(graph, pats)
+    t_rewrite = time.perf_counter() - t0
+    out = Path(args.output)
+    summary = {}
+    with AtomicDir(out) as tmp:
+        _write(tmp / "graph.json", dumps(fused))
+        _write(tmp / "report.json", json.dumps(report.to_dict(), indent=1))
+        manifest = []
+        for target in targets:
+            kernels, unique = [], {}
+            for node in fused.nodes:
+                if not needs_kernel(node):
+                    continue
+                k = emit(node, target)
+                fname = unique.get(k.source)
+                if fname is None:
+                    fname = f"{k.entry}.{k.suffix}"
+                    n = 1
+                    while fname in unique.values():
+                        n += 1
+                        fname = f"{k.entry}_{n}.{k.suffix}"
+                    unique[k.source] = fname
+                    _write(tmp / "kernels" / target / fname, k.source)
+                    kernels.append(k)
+                manifest.append({"target": target, "node": node.name, "op": node.op, "family": k.family,
+                                 "file": f"kernels/{target}/{fname}", "entry": k.entry,
+                                 "workgroup_size": list(k.workgroup_size), "grid": list(k.grid),
+                                 "params": [[n_, t_, v_] for n_, t_, v_ in k.params]})
+            checked = "not checked (--no-check)"
+            if not args.no_check:
+                checked = {"wgsl": cgcheck.check_wgsl, "cuda": cgcheck.check_cuda, "msl": cgcheck.check_msl}[target](
+                    kernels)
+                checked = checked if isinstance(checked, str) else {
+                    "wgsl": "all validate in wgpu (naga)", "cuda": "all compile with nvcc -arch=sm_90",
+                    "msl": "all pass the MSL syntax check (g++ + shim)"}[target]
+            summary[target] = (len(kernels), checked)
+        _write(tmp / "kernels.json", json.dumps(manifest, indent=1))
+    print_report(console, report)
+    n_ops = len(graph.ops)
+    console.print(f"{label}: {n_ops} ops -> {len(fused.ops)} after fusion "
+                  f"({report.total_matches()} fusions, rewrite {t_rewrite * 1e3:.1f} ms)")
+    for target, (n, checked) in summary.items():
+        console.print(f"{target}: {n} unique kernels; {checked}")
+    console.print(f"wrote {out}/ (graph.json, report.json, kernels.json, kernels/)")
+    return 0
+
+
+# -- run -----------------------------------------------------------------------------------------
+
+
+def nmse(out, ref) -> float:
+    """Normalized mean squared error ``sum((out-ref)^2) / sum(ref^2)`` (ggml test-backend-ops)."""
+    import numpy as np
+
+    out = np.asarray(out, dtype=np.float64)
+    ref = np.asarray(ref, dtype=np.float64)
+    den = float(np.sum(ref * ref)) or 1.0
+    return float(np.sum((out - ref) ** 2)) / den
+
+
+def cmd_run(args) -> int:
+    import numpy as np
+
+    from .backends import get_backend
+    from .models import load_config, random_weights
+    from .runtime import DecodeSession
+
+    console = _console()
+    cfg = load_config(args.model)
+    if args.layers:
+        cfg = cfg.with_layers(args.layers)
+    backend = get_backend(args.backend)
+    pats = None if args.no_fuse else _patterns(args)
+    if args.tokens < 1:
+        raise UsageError("--tokens must be >= 1")
+    prompt = [int(t) for t in args.prompt_ids.split(",")] if args.prompt_ids else [1]
+    kv_size = max(args.n_ctx, len(prompt) + args.tokens)
+    t0 = time.perf_counter()
+    weights = random_weights(cfg, seed=args.seed, weight_dtype=args.weight_dtype)
+    console.print(f"{cfg.name}: {cfg.num_hidden_layers} layers, random weights (seed {args.seed}, {args.weight_dtype}) "
+                  f"in {time.perf_counter() - t0:.1f} s; backend {backend.name}; "
+                  f"fusion {'off' if pats is None else 'on'}")
+    sess = DecodeSession(cfg, backend, weights, kv_size=kv_size, patterns=pats)
+    ref = None
+    if args.verify:
+        ref = DecodeSession(cfg, get_backend("numpy"), weights, kv_size=kv_size, patterns=None)
+    tokens = list(prompt)
+    worst = 0.0
+    step_in = prompt
+    for i in range(args.tokens):
+        logits = sess.step(step_in)
+        tm = sess.timings[-1]
+        line = (f"step {i}: pos {tm['pos']:>4} n_kv {tm['n_kv']:>4} "
+                f"build {tm['build_s'] * 1e3:7.1f} ms  rewrite {tm['rewrite_s'] * 1e3:6.1f} ms  "
+                f"compile {tm['compile_s'] * 1e3:7.1f} ms  run {tm['run_s'] * 1e3:8.1f} ms")
+        nxt = int(np.argmax(logits[-1]))
+        if ref is not None:
+            rlog = ref.step(step_in)
+            err = nmse(logits, rlog)
+            worst = max(worst, err)
+            rnxt = int(np.argmax(rlog[-1]))
+            line += f"  nmse {err:.2e}"
+            if err > args.tol or nxt != rnxt:
+                console.print(line)
+                console.print(f"[red]verify FAILED at step {i}: nmse {err:.3e} (tol {args.tol:g}), "
+                              f"argmax {nxt} vs reference {rnxt}[/red]")
+                return 1
+        console.print(line + f"  -> token {nxt}")
+        tokens.append(nxt)
+        step_in = [nxt]
+    if sess.last_report is not None:
+        console.print(f"fusions per step: {sess.last_report.total_matches()}")
+    console.print(f"tokens: {tokens}")
+    if ref is not None:
+        console.print(f"verify: ok ({args.tokens} steps, worst nmse {worst:.2e} <= {args.tol:g}, "
+                      "same greedy tokens as the unfused numpy interpreter)")
+    return 0
+
+
+# -- test ----------------------------------------------------------------------------------------
+
+
+def cmd_test(args) -> int:
+    from .dsl import load_patterns
+    from .proptest import run_pattern_tests
+
+    pats = load_patterns(args.files)
+    ok = run_pattern_tests(pats, backend=args.backend, examples=args.examples, seed=args.seed,
+                           console=_console())
+    return 0 if ok else 1
+
+
+# -- bench ---------------------------------------------------------------------------------------
+
+
+def cmd_bench(args) -> int:
+    from .bench import run_bench
+
+    return run_bench(args)
+
+
+# -- main ----------------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="fusec", description="op-fusion compiler for ML inference graphs")
+    ap.add_argument("--version", action="version", version=f"fusec {__version__}")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+
+    p = sub.add_parser("check", help="validate pattern files")
+    p.add_argument("files", nargs="+", help=".fuse files or folders")
+    p.set_defaults(fn=cmd_check)
+
+    def graph_args(p):
+        src = p.add_mutually_exclusive_group(required=True)
+        src.add_argument("--model", help="shipped model name (llama-3.2-1b, smollm2-135m) or a config.json path")
+        src.add_argument("--graph", help="a fusec JSON graph")
+        p.add_argument("--patterns", nargs="+", help="pattern files or folders (default: the shipped patterns/)")
+        p.add_argument("--layers", type=int, default=0, help="keep only the first N layers (models)")
+        p.add_argument("--n-tokens", type=int, default=1, help="tokens per step of the model graph (default 1)")
+        p.add_argument("--n-ctx", type=int, default=4096, help="KV cache cells (default 4096)")
+        p.add_argument("--n-kv", type=int, default=256, help="visible KV cells of the graph (default 256)")
+
+    p = sub.add_parser("compile", help="rewrite a graph and emit kernels")
+    graph_args(p)
+    p.add_argument("--target", default="wgsl,cuda,msl", help="comma list of wgsl, cuda, msl")
+    p.add_argument("-o", "--output", required=True, help="output folder")
+    p.add_argument("--no-check", action="store_true", help="skip naga / nvcc / MSL syntax checks")
+    p.set_defaults(fn=cmd_compile)
+
+    p = sub.add_parser("run", help="decode tokens with random weights")
+    p.add_argument("--model", required=True)
+    p.add_argument("--backend", default="auto", choices=["auto", "numpy", "wgpu", "cuda"])
+    p.add_argument("--tokens", type=int, default=4)
+    p.add_argument("--verify", action="store_true", help="compare every step to the unfused numpy interpreter")
+    p.add_argument("--tol", type=float, default=1e-6, help="max normalized MSE of the logits for --verify")
+    p.add_argument("--patterns", nargs="+")
+    p.add_argument("--no-fuse", action="store_true")
+    p.add_argument("--layers", type=int, default=0)
+    p.add_argument("--n-ctx", type=int, default=256)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--weight-dtype", default="f32", choices=["f32", "f16"])
+    p.add_argument("--prompt-ids", help="comma-separated prompt token ids (default: 1)")
+    p.set_defaults(fn=cmd_run)
+
+    p = sub.add_parser("test", help="property-based equivalence tests for pattern files")
+    p.add_argument("files", nargs="+")
+    p.add_argument("--backend", default="numpy", choices=["numpy", "wgpu", "cuda"])
+    p.add_argument("--examples", type=int, default=50)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(fn=cmd_test)
+
+    p = sub.add_parser("bench", help="benchmark fused kernels (see bench/)")
+    p.add_argument("--backend", default="cuda", choices=["cuda", "wgpu"])
+    p.add_argument("-o", "--output", help="JSON results file")
+    p.add_argument("--quick", action="store_true")
+    p.set_defaults(fn=cmd_bench)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = build_parser()
+    args = ap.parse_args(argv)
+    try:
+        return int(args.fn(args) or 0)
+    except FusecError as e:
+        print(f"fusec: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("fusec: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
