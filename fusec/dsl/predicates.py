@@ -123,3 +123,141 @@ def lookup_user(name: str) -> Callable[..., Any] | None:
 def unregister(name: str) -> None:
     """Remove a Python-registered predicate (no-op when absent); for tests and plugins."""
     _USER.pop(name, None)
+
+
+# ---------------------------------------------------------------------------------------------
+# evaluation of where-expressions
+
+
+class EvalError(Exception):
+    """A where-expression that cannot be evaluated (type error, bad axis...); ``expr`` locates it."""
+
+    def __init__(self, message: str, expr: Any):
+        super().__init__(message)
+        self.expr = expr
+
+
+def evaluate(expr: Any, bindings: dict[str, Tensor], captures: dict[str, Any], ctx: EvalContext,
+             trace: list[tuple[Any, Any]] | None = None) -> Any:
+    """Evaluate a checked where-expression (:mod:`fusec.dsl.ast`) without ``eval``.
+
+    ``bindings`` maps match variables to tensors, ``captures`` capture names (no ``$``) to values.
+    Every predicate call and its value is appended to ``trace`` (for "why not fused?" messages).
+    ``/`` and ``%`` on two ints follow C (truncation toward zero). Raises :class:`EvalError`.
+    """
+    from . import ast as A  # local: ast imports nothing from here, keep module load order simple
+
+    def ev(e: Any) -> Any:
+        if isinstance(e, (A.Num, A.Str, A.DTypeLit)):
+            return e.value
+        if isinstance(e, A.VarRef):
+            return bindings[e.name]
+        if isinstance(e, A.CaptureRef):
+            return captures[e.name]
+        if isinstance(e, A.ListExpr):
+            return [ev(i) for i in e.items]
+        if isinstance(e, A.Call):
+            args = [ev(a) for a in e.args]
+            try:
+                if e.fn in BUILTINS:
+                    val = BUILTINS[e.fn].fn(ctx, *args)
+                else:
+                    val = _USER[e.fn](*args)
+            except EvalError:
+                raise
+            except Exception as exc:  # a predicate's own failure is reported at the call
+                raise EvalError(f"{e.fn}(...) raised {type(exc).__name__}: {exc}", e) from None
+            if trace is not None:
+                trace.append((e, val))
+            return val
+        if isinstance(e, A.Unary):
+            v = ev(e.operand)
+            if e.op == "not":
+                return not _truth(v, e)
+            _num(v, e)
+            return -v
+        if isinstance(e, A.Binary):
+            if e.op == "and":
+                return _truth(ev(e.left), e) and _truth(ev(e.right), e)
+            if e.op == "or":
+                return _truth(ev(e.left), e) or _truth(ev(e.right), e)
+            lhs, rhs = ev(e.left), ev(e.right)
+            return _binary(e.op, lhs, rhs, e)
+        raise EvalError(f"cannot evaluate {type(e).__name__}", e)  # pragma: no cover
+
+    return ev(expr)
+
+
+def _truth(v: Any, e: Any) -> bool:
+    if isinstance(v, Tensor):
+        raise EvalError(f"tensor {v.name!r} used as a truth value; call a predicate on it", e)
+    return bool(v)
+
+
+def _num(v: Any, e: Any) -> None:
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        shown = f"tensor {v.name!r}" if isinstance(v, Tensor) else f"{type(v).__name__} {show(v)}"
+        raise EvalError(f"arithmetic needs numbers, got {shown}", e)
+
+
+def _binary(op: str, a: Any, b: Any, e: Any) -> Any:
+    if op in ("in", "not in"):
+        if not isinstance(b, list):
+            raise EvalError(f"'{op}' needs a list on the right, got {show(b)}", e)
+        found = any(_same(a, x) for x in b)
+        return found if op == "in" else not found
+    if op == "==":
+        return _same(a, b)
+    if op == "!=":
+        return not _same(a, b)
+    _num(a, e)
+    _num(b, e)
+    if op == "<":
+        return a < b
+    if op == "<=":
+        return a <= b
+    if op == ">":
+        return a > b
+    if op == ">=":
+        return a >= b
+    if op == "+":
+        return a + b
+    if op == "-":
+        return a - b
+    if op == "*":
+        return a * b
+    if b == 0 and op in ("/", "%"):
+        raise EvalError(f"division by zero in '{op}'", e)
+    both_int = isinstance(a, int) and isinstance(b, int)
+    if op == "/":
+        if both_int:
+            q = abs(a) // abs(b)
+            return q if (a >= 0) == (b >= 0) else -q
+        return a / b
+    if op == "%":
+        if both_int:
+            q = _binary("/", a, b, e)
+            return a - b * q
+        return a - b * int(a / b)
+    raise EvalError(f"unknown operator {op!r}", e)  # pragma: no cover
+
+
+def _same(a: Any, b: Any) -> bool:
+    if isinstance(a, Tensor) or isinstance(b, Tensor):
+        return a is b
+    if isinstance(a, list) and isinstance(b, list):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b, strict=True))
+    if type(a) is not type(b) and not (isinstance(a, (int, float)) and isinstance(b, (int, float))):
+        return False
+    return a == b
+
+
+def show(v: Any) -> str:
+    """Render a where-value the way patterns write it (``f32``, ``true``, ``[4, 1, 1, 1]``)."""
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, Tensor):
+        return repr(v.name)
+    if isinstance(v, list):
+        return "[" + ", ".join(show(x) for x in v) + "]"
+    return str(v)

@@ -1,0 +1,136 @@
+"""The rewrite driver: find matches, resolve overlaps, replace each accepted match with a FUSED
+node, repeat to a fixed point, and report."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from ..dsl.ast import Pattern
+from ..dsl.checker import check_unique
+from ..ir.builder import GraphBuilder
+from ..ir.graph import Graph
+from ..ir.tensor import Tensor
+from .clone import clone_graph, copy_tensor
+from .fuse import make_fused_node
+from .match import GraphIndex, MatchResult, NoMatch, find_matches
+from .report import AppliedMatch, FusionReport, NotFused, PatternStats
+
+
+def select(found: Sequence[MatchResult], index: GraphIndex) -> tuple[list[MatchResult], list[NoMatch]]:
+    """Resolve overlaps greedily: sort by (benefit desc, root's topological index asc, pattern
+    name asc) and accept a match when its op nodes are disjoint from those already accepted.
+    Returns (accepted in that order, losers with ``kind="overlap"``)."""
+    order = sorted(found, key=lambda m: (-m.benefit, index.topo[id(m.root)], m.pattern.name))
+    owner: dict[int, MatchResult] = {}
+    accepted: list[MatchResult] = []
+    lost: list[NoMatch] = []
+    for m in order:
+        clash = next((owner[id(t)] for t in m.nodes if id(t) in owner), None)
+        if clash is None:
+            accepted.append(m)
+            for t in m.nodes:
+                owner[id(t)] = m
+            continue
+        rank = "higher-benefit" if clash.benefit > m.benefit else "equal-benefit earlier"
+        lost.append(NoMatch(m.pattern.name, m.root.name, "overlap",
+                            f"overlaps {rank} match {clash.pattern.name} at '{clash.root.name}'",
+                            m.pattern.file, m.pattern.line, m.root))
+    return accepted, lost
+
+
+def decomposition(m: MatchResult) -> Graph:
+    """The FUSED node's decomposition: placeholders ``fused_input = i`` for ``m.sources`` (same
+    dtype/ne/nb and input/weight flags as the outer tensors, named after the pattern variables),
+    copies of the matched nodes, output = copy of the root."""
+    b = GraphBuilder()
+    local: dict[int, Tensor] = {}
+    for i, (name, s) in enumerate(zip(m.source_names, m.sources, strict=True)):
+        ph = b.leaf(name, s.dtype, s.ne, sorted(s.flags - {"output"}))
+        ph.nb = tuple(s.nb)
+        ph.params = {"fused_input": i}
+        local.setdefault(id(s), ph)
+    for t in m.nodes:
+        local[id(t)] = copy_tensor(b, t, [None if s is None else local[id(s)] for s in t.src], flags=False)
+    return b.build([local[id(m.root)]])
+
+
+def fused_params(m: MatchResult) -> dict:
+    """FUSED params: ``{"pattern", "kernel", "fused_op", **captures}``."""
+    p = m.pattern
+    return {"pattern": p.name, "kernel": p.kernel, "fused_op": p.fused_op, **m.captures}
+
+
+def apply_matches(g: Graph, accepted: Sequence[MatchResult]) -> Graph:
+    """A new graph where each accepted (pairwise disjoint) match is one FUSED node taking its
+    root's name and flags; users of the root and graph outputs refer to the FUSED node."""
+    b = GraphBuilder()
+    mapping: dict[int, Tensor] = {}
+    roots = {id(m.root): m for m in accepted}
+    interior = {id(t) for m in accepted for t in m.interior}
+    for t in g.nodes:
+        if id(t) in interior:
+            continue
+        m = roots.get(id(t))
+        if m is None:
+            mapping[id(t)] = copy_tensor(b, t, [None if s is None else mapping[id(s)] for s in t.src])
+            continue
+        fused = make_fused_node(b, decomposition(m), [mapping[id(s)] for s in m.sources], fused_params(m), t.name)
+        fused.flags |= t.flags
+        mapping[id(t)] = fused
+    return b.build([mapping[id(o)] for o in g.outputs])
+
+
+def _bytes_saved(m: MatchResult, index: GraphIndex) -> int:
+    return sum(t.nbytes * (1 + len(index.users.get(id(t), []))) for t in m.interior)
+
+
+def rewrite(graph: Graph, patterns: Sequence[Pattern], max_iters: int = 16) -> tuple[Graph, FusionReport]:
+    """Fuse every match of ``patterns`` in ``graph`` until no match is left (at most ``max_iters``
+    rounds); return the rewritten graph and a :class:`FusionReport`.
+
+    ``graph`` is not mutated: the result is built from fresh tensors (leaves included), with the
+    same names, dtypes, ``ne``/``nb`` (ggml order), params, flags and outputs. Each round finds all
+    valid matches (:func:`fusec.rewrite.match.find_matches`), accepts them greedily by (benefit
+    desc, root topological index asc, pattern name asc) when their op nodes are disjoint, and
+    replaces each by a FUSED node (``fusec.rewrite.fuse.make_fused_node``) whose params are
+    ``{"pattern", "kernel", "fused_op", **captures}``. The result does not depend on the order of
+    ``patterns``. Raises :class:`fusec.errors.PatternError` for duplicate pattern names or a
+    where-clause that cannot be evaluated, :class:`fusec.errors.GraphError` if ``graph`` is invalid.
+    """
+    check_unique(list(patterns))
+    pats = sorted(patterns, key=lambda p: p.name)
+    report = FusionReport({p.name: PatternStats(p.name, p.file, p.line) for p in pats}, max_iters=max_iters)
+    g = clone_graph(graph)
+    fused_keys: set[tuple[str, str]] = set()
+    failures: list[NotFused] = []
+    converged = False
+    for rnd in range(1, max_iters + 1):
+        index = GraphIndex.of(g)
+        found, failed = find_matches(g, pats, index)
+        accepted, lost = select(found, index)
+        for f in sorted(failed + lost, key=lambda f: (index.topo[id(f.node)], f.pattern)):
+            failures.append(NotFused(f.pattern, f.root, f.kind, f.reason, f.file, f.line, rnd))
+        if not accepted:
+            converged = True
+            break
+        for m in accepted:
+            st = report.patterns[m.pattern.name]
+            saved = _bytes_saved(m, index)
+            st.matches += 1
+            st.nodes_removed += len(m.nodes) - 1
+            st.bytes_saved += saved
+            st.applied.append(AppliedMatch(m.pattern.name, m.root.name, tuple(t.name for t in m.nodes), rnd, saved))
+            fused_keys.add((m.pattern.name, m.root.name))
+        g = apply_matches(g, accepted)
+        report.rounds = rnd
+    if not converged:
+        report.hit_max_iters = bool(find_matches(g, pats)[0])
+    seen: set[tuple[str, str, str]] = set()
+    for f in failures:
+        key = (f.pattern, f.root, f.reason)
+        if (f.pattern, f.root) in fused_keys or key in seen:
+            continue
+        seen.add(key)
+        report.not_fused.append(f)
+    return g, report
+
