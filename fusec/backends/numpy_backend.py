@@ -70,9 +70,9 @@ class NumpyExecutable(Executable):
         missing input or weight; the interpreter's ``InterpError`` for bad values."""
         from ..interp import interpret  # lazy: the interpreter is only needed to run
 
+        values: dict[str, np.ndarray] = {t.name: self.backend._persistent(t) for t in self._weights}
         missing = [t.name for t in self._inputs if t.name not in inputs]
         if missing:
             raise BackendError(f"numpy backend: no value for input(s) {', '.join(missing)}")
-        values: dict[str, np.ndarray] = {t.name: self.backend._persistent(t) for t in self._weights}
         values.update({t.name: inputs[t.name] for t in self._inputs})
         return interpret(self.graph, values)
