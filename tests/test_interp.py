@@ -79,6 +79,15 @@ def test_float_value_for_i32_leaf_is_refused():
         interpret(b.build([y]), {"a": np.zeros(6, np.float32), "idx": np.array([0.5])})
 
 
+def test_i32_value_outside_the_i32_range_is_refused():
+    b = GraphBuilder()
+    a = b.input("a", "f32", (2, 3))
+    idx = b.input("idx", "i32", (1,))
+    y = b.get_rows(a, idx, name="y")
+    with pytest.raises(InterpError, match="i32 range"):
+        interpret(b.build([y]), {"a": np.zeros(6, np.float32), "idx": np.array([2**32 + 1])})
+
+
 def test_returned_output_does_not_alias_the_input_array():
     b = GraphBuilder()
     x = b.input("x", "f32", (4,))

@@ -60,8 +60,8 @@ def coerce_value(t: Tensor, value: object, field: str = "values") -> np.ndarray:
     """``value`` as an array of ``t``'s dtype and shape ``ne[::-1]`` (a view of ``value`` when it
     already is one, else a converted copy).
 
-    Raises :class:`InterpError` when the element count differs from ``t.nelements`` or a float
-    value is given for an i32 tensor.
+    Raises :class:`InterpError` when the element count differs from ``t.nelements``, the value is
+    not numeric, or an i32 tensor is given float values or integers outside the i32 range.
     """
     arr = np.asarray(value)
     if arr.size != t.nelements:
@@ -72,6 +72,11 @@ def coerce_value(t: Tensor, value: object, field: str = "values") -> np.ndarray:
         raise InterpError(f"i32 tensor given a {arr.dtype} value", node=repr(t.name), field=field)
     if not (np.issubdtype(arr.dtype, np.number) or arr.dtype == np.bool_):
         raise InterpError(f"value of dtype {arr.dtype} is not numeric", node=repr(t.name), field=field)
+    if not t.dtype.is_float and arr.size and np.issubdtype(arr.dtype, np.integer):
+        info = np.iinfo(dt)
+        if int(arr.min()) < info.min or int(arr.max()) > info.max:
+            raise InterpError(f"value outside the i32 range [{info.min}, {info.max}]", node=repr(t.name),
+                              field=field)
     return arr.reshape(t.ne[::-1]).astype(dt, copy=False)
 
 
