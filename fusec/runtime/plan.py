@@ -1,0 +1,288 @@
+"""Buffer planning for a (fused) graph: which device buffer holds each root tensor.
+
+The plan is made on the graph a backend actually runs -- *after* fusion -- so that the memory a
+FUSED node reads is the memory of its real sources. Every root (non-view) tensor gets a *slot*:
+
+* ``weight`` slots: leaves flagged ``weight`` (model weights and KV caches); owned by the
+  backend's persistent store and bound by leaf name.
+* ``input`` slots: the other leaves; written by every run.
+* ``scratch`` slots: results of computing nodes. Two results share a scratch slot only when their
+  lifetimes are disjoint: a result is live from the node that computes it to the last node that
+  reads or writes its memory, directly, through views (of views), or as a FUSED node's source.
+  Graph outputs (and the roots of output views) stay live to the end and are never reused.
+
+The safety rule (the bug class of ggml's ``ggml_cuda_check_fusion_memory_ranges``): a node's
+output buffer never aliases a buffer the node reads, except for the deliberate in-place ops
+SET_ROWS/CPY, whose output *is* their destination. :func:`plan_buffers` never produces such a
+plan (a slot freed by a node's last read is only handed to nodes *after* it), and
+:meth:`BufferPlan.check` verifies it, so a plan built or edited any other way is refused.
+
+Sizes are bytes; slots are rounded up to :data:`SLOT_ALIGN` bytes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from ..errors import BackendError
+from ..ir.graph import Graph
+from ..ir.ops import VIEW_OPS
+from ..ir.tensor import Tensor
+
+SLOT_ALIGN = 16
+"""Slot sizes are multiples of this many bytes (WebGPU needs 4; 16 keeps vector loads aligned)."""
+
+INPLACE_OPS = frozenset({"SET_ROWS", "CPY"})
+"""Ops that write into their destination's memory; their result is a view of it."""
+
+_END = 1 << 62  # lifetime end of graph outputs: after every node
+
+
+def _align(n: int) -> int:
+    return max(SLOT_ALIGN, -(-n // SLOT_ALIGN) * SLOT_ALIGN)
+
+
+@dataclass
+class Slot:
+    """One buffer of the plan.
+
+    Attributes:
+        index: position in :attr:`BufferPlan.slots`.
+        kind: ``"weight"`` | ``"input"`` | ``"scratch"``.
+        size: bytes (a multiple of :data:`SLOT_ALIGN`); the largest root it holds, rounded up.
+        name: the leaf name for ``weight``/``input`` slots, ``None`` for scratch.
+    """
+
+    index: int
+    kind: str
+    size: int
+    name: str | None = None
+
+
+@dataclass(frozen=True)
+class PlanStats:
+    """Memory totals of a plan, in bytes.
+
+    Attributes:
+        weight_bytes: persistent leaves (weights, KV caches) used by the graph.
+        input_bytes: per-run input leaves.
+        scratch_bytes_no_reuse: intermediate results if each had a buffer of its own.
+        scratch_bytes: intermediate results with slot reuse (the scratch buffers allocated).
+        n_results: intermediate roots planned.
+        n_scratch_slots: scratch buffers.
+    """
+
+    weight_bytes: int
+    input_bytes: int
+    scratch_bytes_no_reuse: int
+    scratch_bytes: int
+    n_results: int
+    n_scratch_slots: int
+
+    @property
+    def bytes_no_reuse(self) -> int:
+        """Inputs plus scratch without reuse (weights excluded: they live in the backend's store)."""
+        return self.input_bytes + self.scratch_bytes_no_reuse
+
+    @property
+    def bytes_with_reuse(self) -> int:
+        """Inputs plus scratch with reuse."""
+        return self.input_bytes + self.scratch_bytes
+
+
+@dataclass
+class BufferPlan:
+    """Where every root tensor of ``graph`` lives, and for how long.
+
+    Attributes:
+        graph: the planned graph; nodes execute in ``graph.nodes`` order.
+        slots: the buffers.
+        slot_of: root tensor -> slot index (views resolve through :meth:`slot`).
+        live: scratch root -> ``(first, last)`` node indices (into ``graph.nodes``) during which its
+            memory must stay intact; ``last`` is a huge number for graph outputs.
+    """
+
+    graph: Graph
+    slots: list[Slot]
+    slot_of: dict[Tensor, int]
+    live: dict[Tensor, tuple[int, int]] = field(default_factory=dict)
+
+    # -- queries -------------------------------------------------------------------------------
+    def slot(self, t: Tensor) -> Slot:
+        """The slot holding ``t``'s memory (its root's slot for a view).
+
+        Raises :class:`BackendError` when the root has no slot.
+        """
+        try:
+            return self.slots[self.slot_of[t.root]]
+        except KeyError:
+            raise BackendError(f"buffer plan: tensor {t.root.name!r} has no buffer slot") from None
+
+    def stats(self) -> PlanStats:
+        """Bytes without reuse vs with reuse (see :class:`PlanStats`)."""
+        scratch = [s for s in self.slots if s.kind == "scratch"]
+        naive = sum(_align(r.span_bytes) for r in self.live)
+        return PlanStats(
+            weight_bytes=sum(s.size for s in self.slots if s.kind == "weight"),
+            input_bytes=sum(s.size for s in self.slots if s.kind == "input"),
+            scratch_bytes_no_reuse=naive,
+            scratch_bytes=sum(s.size for s in scratch),
+            n_results=len(self.live),
+            n_scratch_slots=len(scratch),
+        )
+
+    # -- verification ------------------------------------------------------------------------------
+    def check(self) -> None:
+        """Verify the plan; raises :class:`BackendError` naming the offending node.
+
+        Checked: every root has a slot of the right kind and size; scratch roots sharing a slot
+        have disjoint lifetimes; and the safety rule -- no computing node's output slot is a slot
+        it reads (sources, sources of FUSED nodes, memory reached through views), other than
+        SET_ROWS/CPY writing their own destination.
+        """
+        order = self.graph.nodes
+        for t in order:
+            root = t.root
+            if root not in self.slot_of:
+                raise BackendError(f"buffer plan: node {t.name!r} ({t.op}): its memory ({root.name!r}) has no slot")
+            k = self.slot_of[root]
+            if not 0 <= k < len(self.slots):
+                raise BackendError(f"buffer plan: node {root.name!r}: slot {k} does not exist")
+            slot = self.slots[k]
+            want = _slot_kind(root)
+            if slot.kind != want:
+                raise BackendError(f"buffer plan: node {root.name!r} needs a {want} slot, got slot {k} ({slot.kind})")
+            if want != "scratch" and slot.name != root.name:
+                raise BackendError(f"buffer plan: leaf {root.name!r} is bound to slot {k} of {slot.name!r}")
+            if slot.size < root.span_bytes:
+                raise BackendError(f"buffer plan: node {root.name!r} needs {root.span_bytes} bytes, "
+                                   f"slot {k} has {slot.size}")
+        for node in order:
+            w = written_root(node)
+            if w is None:
+                continue
+            ws = self.slot_of[w]
+            for r in read_roots(node):
+                if r is not w and self.slot_of[r] == ws:
+                    raise BackendError(
+                        f"buffer plan: node {node.name!r} ({node.op}) writes slot {ws}, which also holds "
+                        f"{r.name!r} that the node reads: its output would overwrite its own input")
+        live = lifetimes(self.graph)  # recomputed: the plan's own record is not trusted
+        by_slot: dict[int, list[Tensor]] = {}
+        for r in live:
+            by_slot.setdefault(self.slot_of[r], []).append(r)
+        for k, roots in by_slot.items():
+            roots.sort(key=lambda r: live[r][0])
+            for a, b in zip(roots, roots[1:], strict=False):
+                if live[b][0] <= live[a][1]:
+                    raise BackendError(f"buffer plan: node {b.name!r} reuses slot {k} while {a.name!r} is still live")
+
+
+def _slot_kind(root: Tensor) -> str:
+    if root.is_leaf:
+        return "weight" if "weight" in root.flags else "input"
+    return "scratch"
+
+
+def written_root(node: Tensor) -> Tensor | None:
+    """The root whose memory executing ``node`` writes: the node itself for computing ops, the
+    destination's root for SET_ROWS/CPY, ``None`` for leaves and pure views."""
+    if node.is_leaf or node.op in VIEW_OPS:
+        return None
+    return node.root
+
+
+def read_roots(node: Tensor) -> list[Tensor]:
+    """Roots whose memory executing ``node`` reads: the roots of its sources (a FUSED node reads
+    exactly its sources; its decomposition's placeholders stand for them). Empty for leaves and
+    pure views (they execute nothing)."""
+    if node.is_leaf or node.op in VIEW_OPS:
+        return []
+    out: list[Tensor] = []
+    for s in node.src:
+        if s is not None and all(s.root is not r for r in out):
+            out.append(s.root)
+    return out
+
+
+def lifetimes(graph: Graph) -> dict[Tensor, tuple[int, int]]:
+    """Lifetime of every computed root of ``graph``: ``(first, last)`` indices into ``graph.nodes``.
+
+    ``first`` is the node computing it; ``last`` the last node reading or writing its memory
+    (directly, through views of any depth, as a FUSED source, as a SET_ROWS/CPY destination), or a
+    number larger than any index when the root or a view of it is a graph output.
+    """
+    live: dict[Tensor, list[int]] = {}
+    for i, t in enumerate(graph.nodes):
+        if not t.is_leaf and not t.is_view:
+            live[t] = [i, i]
+    for i, t in enumerate(graph.nodes):
+        for r in [*read_roots(t), written_root(t)]:
+            if r is not None and r in live:
+                live[r][1] = max(live[r][1], i)
+    for t in graph.outputs:
+        if t.root in live:
+            live[t.root][1] = _END
+    return {r: (a, b) for r, (a, b) in live.items()}
+
+
+def plan_buffers(graph: Graph) -> BufferPlan:
+    """Plan the buffers of ``graph`` (typically after fusion); see the module docstring.
+
+    Scratch slots are reused best-fit (the smallest free slot that is large enough, else the
+    largest free slot grown to fit, else a new slot). A slot is freed only *after* the node
+    that last uses its root, so it can never be the output of a node that reads it.
+
+    Returns a :class:`BufferPlan`; raises :class:`BackendError` for a leaf that is a view or two
+    leaves of the same name with different kinds (a weight and an input both named ``x``).
+    """
+    order = graph.nodes
+    slots: list[Slot] = []
+    slot_of: dict[Tensor, int] = {}
+    by_name: dict[str, int] = {}
+    # leaves: one dedicated slot per name
+    for t in order:
+        if not t.is_leaf:
+            continue
+        if t.is_view:
+            raise BackendError(f"buffer plan: leaf {t.name!r} is a view; leaves must own their memory")
+        kind = _slot_kind(t)
+        k = by_name.get(t.name)
+        if k is None:
+            k = len(slots)
+            slots.append(Slot(k, kind, _align(t.span_bytes), t.name))
+            by_name[t.name] = k
+        elif slots[k].kind != kind:
+            raise BackendError(f"buffer plan: leaf name {t.name!r} is used by a weight and an input")
+        else:
+            slots[k].size = max(slots[k].size, _align(t.span_bytes))
+        slot_of[t] = k
+
+    live = lifetimes(graph)
+    expiring: dict[int, list[Tensor]] = {}
+    for r, (_, last) in live.items():
+        expiring.setdefault(last, []).append(r)
+
+    free: list[int] = []
+    for i, t in enumerate(order):
+        if t in live:
+            need = _align(t.span_bytes)
+            fits = [k for k in free if slots[k].size >= need]
+            if fits:
+                k = min(fits, key=lambda k: (slots[k].size, k))
+            elif free:
+                k = max(free, key=lambda k: (slots[k].size, -k))
+                slots[k].size = need
+            else:
+                k = len(slots)
+                slots.append(Slot(k, "scratch", need))
+            if k in free:
+                free.remove(k)
+            slot_of[t] = k
+        for r in expiring.get(i, ()):  # freed only after node i ran: never node i's own output
+            free.append(slot_of[r])
+    return BufferPlan(graph, slots, slot_of, live)
+
+
+__all__ = ["INPLACE_OPS", "SLOT_ALIGN", "BufferPlan", "PlanStats", "Slot", "lifetimes", "plan_buffers",
+           "read_roots", "written_root"]
