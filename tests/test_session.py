@@ -135,6 +135,15 @@ def test_reset_empties_the_cache(cfg, weights, expected):
     np.testing.assert_allclose(s.step(TOKENS[:2]), expected[:2], rtol=1e-4, atol=1e-4)
 
 
+def test_fused_decode_matches_unfused(cfg, weights):
+    dsl = pytest.importorskip("fusec.dsl")
+    fused = DecodeSession(cfg, "numpy", weights, kv_size=KV_SIZE, patterns=dsl.default_patterns())
+    plain = DecodeSession(cfg, "numpy", weights, kv_size=KV_SIZE)
+    for chunk in (TOKENS[:3], TOKENS[3:4], TOKENS[4:5]):
+        np.testing.assert_allclose(fused.step(chunk), plain.step(chunk), rtol=1e-5, atol=1e-5)
+    assert fused.last_report is not None and "FUSED" in fused.last_graph.by_op()
+
+
 # -- session bookkeeping -----------------------------------------------------------------------------
 
 

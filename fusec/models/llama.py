@@ -106,7 +106,9 @@ def _qkv(b: GraphBuilder, cfg: LlamaConfig, w: dict[str, Tensor], cur: Tensor, i
                                ("Kcur", "attn_k", cfg.num_key_value_heads),
                                ("Vcur", "attn_v", cfg.num_key_value_heads)):
         t = b.mul_mat(w[p + wname + ".weight"], cur, name=f"{tag}-{il}")
-        t = b.reshape(t, (cfg.head_dim, n_head, n_tokens), name=f"{tag}-{il} (reshaped)")
+        # cb(Vcur, "Vcur", il) renames the reshaped V in llama.cpp; Q and K keep "(reshaped)" until roped
+        t = b.reshape(t, (cfg.head_dim, n_head, n_tokens),
+                      name=f"{tag}-{il}" if tag == "Vcur" else f"{tag}-{il} (reshaped)")
         if tag != "Vcur":
             t = b.rope(t, inp_pos, cfg.head_dim, mode=LLAMA_ROPE_TYPE_NORM, freq_factors=rope_factors,
                        n_ctx_orig=cfg.max_position_embeddings, freq_base=cfg.rope_theta, freq_scale=1.0,
