@@ -8,7 +8,7 @@ from ...errors import CodegenError
 from ...ir.dtypes import F16
 from ...ir.tensor import Tensor
 from .. import family
-from ..env import PARAM_TYPE_NAMES, TYPE_NAMES, render
+from ..env import TYPE_NAMES, render
 from ..kernel import Binding, Kernel
 from ..layout import layout_params
 
@@ -70,6 +70,6 @@ def emit_soft_max(node: Tensor, backend: str) -> Kernel:
     source = render(TEMPLATES[backend], backend=backend, entry=entry, node_name=node.name, wg=wg,
                     has_mask=mask is not None, mask_f16=mask_t == F16,
                     mask_t=TYPE_NAMES[backend][mask_t] if mask_t else None,
-                    params=[(n, PARAM_TYPE_NAMES[backend][t]) for n, t, _ in params])
+                    bindings=bindings, elem_types=[TYPE_NAMES[backend][b.dtype] for b in bindings], params=params)
     nrows = x.ne[1] * x.ne[2] * x.ne[3]
     return Kernel(backend, "soft_max", entry, source, bindings, params, (wg, 1, 1), row_grid(nrows), node)
