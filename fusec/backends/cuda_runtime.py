@@ -1,0 +1,108 @@
+"""CuPy plumbing for CUDA kernels: module cache, parameter packing, launches, single-kernel runs.
+
+Mirrors :mod:`fusec.backends.wgpu_runtime`. Generated CUDA kernels have the signature
+``extern "C" __global__ void <entry>(T* binding0, ..., const Params* __restrict__ p)``: storage
+buffers in ``Kernel.bindings`` order, then a pointer to the parameter struct in *device* memory
+(4-byte fields in ``Kernel.params`` order, as :func:`fusec.backends.wgpu_runtime.pack_params`).
+CuPy is optional (``pip install 'fusec[cuda]'``); every entry point except :func:`available`
+raises :class:`~fusec.errors.BackendError` without it.
+"""
+
+from __future__ import annotations
+
+import functools
+import struct
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+
+from ..codegen.kernel import Kernel
+from ..errors import BackendError
+
+_FMT = {"u32": "<I", "i32": "<i", "f32": "<f"}
+
+
+def _cupy():
+    try:
+        import cupy  # noqa: PLC0415
+    except ImportError:
+        raise BackendError("the CUDA backend needs CuPy: pip install 'fusec[cuda]'") from None
+    return cupy
+
+
+@functools.cache
+def available() -> bool:
+    """True when CuPy imports and at least one CUDA device exists."""
+    try:
+        cp = _cupy()
+        return cp.cuda.runtime.getDeviceCount() > 0
+    except Exception:  # BackendError, CUDARuntimeError (no driver), ...
+        return False
+
+
+@functools.lru_cache(maxsize=512)
+def _function(source: str, entry: str):
+    cp = _cupy()
+    try:
+        mod = cp.RawModule(code=source, options=("-std=c++17",))
+        return mod.get_function(entry)
+    except Exception as e:
+        raise BackendError(f"CUDA kernel '{entry}' failed to compile: {e}") from None
+
+
+def module(k: Kernel):
+    """The compiled ``cupy.RawKernel`` for ``k`` (cached by source text and entry point)."""
+    if k.backend != "cuda":
+        raise BackendError(f"cuda_runtime runs CUDA kernels, got a {k.backend} kernel")
+    return _function(k.source, k.entry)
+
+
+def pack_params(k: Kernel) -> bytes:
+    """The parameter struct as bytes: 4-byte little-endian fields in ``k.params`` order."""
+    return b"".join(struct.pack(_FMT[t], v) for _, t, v in k.params) or b"\0" * 4
+
+
+def params_array(k: Kernel):
+    """The parameter struct copied to device memory (a ``cupy.ndarray`` of bytes) for :func:`launch`."""
+    cp = _cupy()
+    return cp.asarray(np.frombuffer(pack_params(k), dtype=np.uint8))
+
+
+def launch(k: Kernel, buffers: Sequence, params_dev, stream=None) -> None:
+    """Launch ``k`` with ``k.grid`` blocks of ``k.workgroup_size`` threads.
+
+    ``buffers`` are device arrays in ``k.bindings`` order (each the root memory of its tensor);
+    ``params_dev`` is :func:`params_array`'s result. Raises :class:`BackendError` on a count mismatch.
+    """
+    if len(buffers) != len(k.bindings):
+        raise BackendError(f"kernel {k.entry}: {len(k.bindings)} bindings, got {len(buffers)} buffers")
+    fn = module(k)
+    args = tuple(buffers) + (params_dev,)
+    if stream is not None:
+        with stream:
+            fn(k.grid, k.workgroup_size, args)
+    else:
+        fn(k.grid, k.workgroup_size, args)
+
+
+def run_kernel(k: Kernel, arrays: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Run one CUDA kernel on numpy arrays and return the written buffers.
+
+    ``arrays`` maps each binding name to the root memory of its tensor (any shape, converted to the
+    binding's dtype and flattened). Returns, for every binding with ``write=True``, a flat numpy
+    array of the same dtype and size copied back from the device. Raises :class:`BackendError`
+    when CuPy is missing, the kernel does not compile, or a binding has no array.
+    """
+    cp = _cupy()
+    bufs = []
+    for b in k.bindings:
+        if b.name not in arrays:
+            raise BackendError(f"kernel {k.entry}: no array for binding {b.name!r}")
+        a = np.ascontiguousarray(arrays[b.name], dtype=b.dtype.np).reshape(-1)
+        bufs.append(cp.asarray(a))
+    launch(k, bufs, params_array(k))
+    cp.cuda.get_current_stream().synchronize()
+    return {b.name: cp.asnumpy(buf) for b, buf in zip(k.bindings, bufs, strict=True) if b.write}
+
+
+__all__ = ["available", "launch", "module", "pack_params", "params_array", "run_kernel"]
