@@ -135,6 +135,14 @@ def test_reset_empties_the_cache(cfg, weights, expected):
     np.testing.assert_allclose(s.step(TOKENS[:2]), expected[:2], rtol=1e-4, atol=1e-4)
 
 
+def test_f16_weights_and_cache_stay_close_to_f32(cfg, weights, expected):
+    s = DecodeSession(cfg, "numpy", random_weights(cfg, seed=7, weight_dtype="f16"), kv_size=KV_SIZE,
+                      kv_dtype="f16")
+    assert s.backend.read_weight("cache_k_l0").dtype == np.float16
+    got = np.concatenate([s.step(TOKENS[:4]), s.step(TOKENS[4:5])])
+    np.testing.assert_allclose(got, expected[:5], atol=3e-2)
+
+
 def test_fused_decode_matches_unfused(cfg, weights):
     dsl = pytest.importorskip("fusec.dsl")
     fused = DecodeSession(cfg, "numpy", weights, kv_size=KV_SIZE, patterns=dsl.default_patterns())
