@@ -181,7 +181,7 @@ def cmd_compile(args) -> int:
     print_report(console, report)
     n_ops = len(graph.ops)
     console.print(f"{label}: {n_ops} ops -> {len(fused.ops)} after fusion "
-                  f"({report.total_matches()} fusions, rewrite {t_rewrite * 1e3:.1f} ms)")
+                  f"({report.total_matches} fusions, rewrite {t_rewrite * 1e3:.1f} ms)")
     for target, (n, checked) in summary.items():
         console.print(f"{target}: {n} unique kernels; {checked}")
     console.print(f"wrote {out}/ (graph.json, report.json, kernels.json, kernels/)")
@@ -252,7 +252,7 @@ def cmd_run(args) -> int:
         tokens.append(nxt)
         step_in = [nxt]
     if sess.last_report is not None:
-        console.print(f"fusions per step: {sess.last_report.total_matches()}")
+        console.print(f"fusions per step: {sess.last_report.total_matches}")
     console.print(f"tokens: {tokens}")
     if ref is not None:
         console.print(f"verify: ok ({args.tokens} steps, worst nmse {worst:.2e} <= {args.tol:g}, "
