@@ -115,14 +115,14 @@ def print_report(console, report) -> None:
     table = Table(title="fusion report")
     for col in ("pattern", "matches", "nodes removed", "bytes saved"):
         table.add_column(col, justify="left" if col == "pattern" else "right")
-    for name, row in sorted(d["patterns"].items()):
-        table.add_row(name, str(row["matches"]), str(row["nodes_removed"]), f"{row['bytes_saved']:,}")
+    for row in d["patterns"]:
+        table.add_row(row["name"], str(row["matches"]), str(row["nodes_removed"]), f"{row['bytes_saved']:,}")
     console.print(table)
     nf = d.get("not_fused", [])
     if nf:
         console.print(f"not fused ({len(nf)}):")
         for item in nf[:20]:
-            console.print(f"  {item['pattern']} at {item['node']!r}: {item['reason']}")
+            console.print(f"  {item['pattern']} at '{item['root']}': {item['message']}")
         if len(nf) > 20:
             console.print(f"  ... {len(nf) - 20} more in report.json")
 
