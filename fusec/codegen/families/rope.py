@@ -11,7 +11,7 @@ from ...ir.tensor import Tensor
 from .. import family
 from ..env import TYPE_NAMES, render
 from ..kernel import Binding, Kernel
-from ..layout import layout_params
+from ..layout import elem_strides, layout_params
 from .soft_max import row_grid
 
 TEMPLATES = {"wgsl": "wgsl/rope.wgsl.j2", "cuda": "cuda/rope.cu.j2", "msl": "msl/rope.metal.j2"}
@@ -62,11 +62,11 @@ def emit_rope(node: Tensor, backend: str) -> Kernel:
     neox = bool(int(node.params["mode"]) & ROPE_MODE_NEOX)
     bindings = [Binding("src0", x, x.dtype), Binding("pos", pos, pos.dtype)]
     params = layout_params("src0", x) + layout_params("pos", pos, ne=False, nb=False)
-    params.append(("pos_nb0", "u32", layout_params("pos", pos, ne=False, offs=False)[0][2]))
+    params.append(("pos_nb0", "u32", elem_strides(pos)[0]))
     if ff is not None:
         bindings.append(Binding("freq_factors", ff, ff.dtype))
         params += layout_params("ff", ff, ne=False, nb=False)
-        params.append(("ff_nb0", "u32", layout_params("ff", ff, ne=False, offs=False)[0][2]))
+        params.append(("ff_nb0", "u32", elem_strides(ff)[0]))
     bindings.append(Binding("dst", node, node.dtype, write=True))
     params += layout_params("dst", node, ne=False)
     params += rope_params(node)
