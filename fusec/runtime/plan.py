@@ -178,6 +178,44 @@ class BufferPlan:
                     raise BackendError(f"buffer plan: node {b.name!r} reuses slot {k} while {a.name!r} is still live")
 
 
+    def check_kernel(self, node: Tensor, accesses: list[tuple[Tensor, bool]]) -> None:
+        """Check one generated kernel's buffers against the safety rule.
+
+        ``accesses`` lists ``(root, write)`` for each buffer the kernel binds (graph roots, see
+        :func:`binding_root`). Raises :class:`BackendError` naming ``node`` when a written buffer is
+        also bound for reading under another root, or a root has no slot.
+        """
+        for w, is_write in accesses:
+            if not is_write:
+                continue
+            ws = self.slot(w).index
+            for r, r_write in accesses:
+                if r is not w and not r_write and self.slot(r).index == ws:
+                    raise BackendError(f"buffer plan: kernel of node {node.name!r} ({node.op}) writes slot {ws} "
+                                       f"({w.name!r}) that it also reads as {r.name!r}")
+
+
+def binding_root(node: Tensor, t: Tensor) -> Tensor:
+    """The graph root whose memory a kernel of ``node`` binds for tensor ``t``.
+
+    ``t`` is a graph tensor (a source of ``node``, ``node`` itself, or a view of either) or, for a
+    FUSED node, a tensor of its decomposition: a placeholder (``params["fused_input"] = i``)
+    stands for ``node.src[i]`` and the decomposition's output for ``node``. Raises
+    :class:`BackendError` for a decomposition-internal tensor (it has no memory of its own).
+    """
+    sub = node.decomposition
+    if sub is not None and any(t is d for d in sub.nodes):
+        if t.is_leaf and "fused_input" in t.params:
+            src = node.src[int(t.params["fused_input"])]
+            if src is not None:
+                return src.root
+        if t.root is sub.outputs[0].root:
+            return node.root
+        raise BackendError(f"node {node.name!r}: its kernel binds {t.name!r}, an internal tensor of the "
+                           "decomposition that has no memory")
+    return t.root
+
+
 def _slot_kind(root: Tensor) -> str:
     if root.is_leaf:
         return "weight" if "weight" in root.flags else "input"
@@ -284,5 +322,5 @@ def plan_buffers(graph: Graph) -> BufferPlan:
     return BufferPlan(graph, slots, slot_of, live)
 
 
-__all__ = ["INPLACE_OPS", "SLOT_ALIGN", "BufferPlan", "PlanStats", "Slot", "lifetimes", "plan_buffers",
+__all__ = ["INPLACE_OPS", "SLOT_ALIGN", "BufferPlan", "PlanStats", "Slot", "binding_root", "lifetimes", "plan_buffers",
            "read_roots", "written_root"]
