@@ -1,0 +1,218 @@
+"""Row norm + element-wise epilogue kernels: RMS_NORM / NORM, optionally followed by a chain of
+binary MUL/ADD/SUB/DIV ops whose other operands broadcast to the row (ggml_can_repeat).
+
+One mechanism serves the plain ggml ops (``ggml_rms_norm``, ``ggml_norm``: empty chain) and every
+FUSED node with ``params["kernel"] == "norm_epilogue"`` (``rms_norm_mul``, ``rms_norm_mul_add``,
+``norm_mul_add``, ...): :func:`plan` walks the node's decomposition into a :class:`NormPlan`,
+:func:`tune` picks the launch shape and the template renders the plan. The generated source depends
+only on dtypes, the chain and the tuning (vector width, threads per row, rows per workgroup,
+register slots); shapes, strides, offsets and eps are runtime parameters.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ...errors import CodegenError
+from ...ir.shape import can_repeat
+from ...ir.tensor import Tensor
+from .. import family
+from ..env import TYPE_NAMES, render
+from ..kernel import Binding, Kernel
+from ..layout import elem_offset, elem_strides, layout_params
+
+TEMPLATES = {"wgsl": "wgsl/norm_epilogue.wgsl.j2", "cuda": "cuda/norm_epilogue.cu.j2",
+             "msl": "msl/norm_epilogue.metal.j2"}
+NORM_OPS = ("RMS_NORM", "NORM")
+EPILOGUE_OPS = {"MUL": "*", "ADD": "+", "SUB": "-", "DIV": "/"}
+COMMUTATIVE = frozenset({"MUL", "ADD"})
+MAX_TPR = {"wgsl": 256, "cuda": 1024, "msl": 1024}  # threads per row (workgroup size limit)
+MIN_WG = {"wgsl": 64, "cuda": 128, "msl": 128}  # short rows: pack rows until a workgroup has this many threads
+SIMD = 32  # warp / simdgroup width assumed by the CUDA and MSL templates
+MAX_CACHED_FLOATS = 32  # per-thread register budget for keeping the row resident (read x once)
+MAX_GRID = 65535
+
+
+@dataclass(frozen=True)
+class EpilogueStep:
+    """``y = y <op> src[operand]`` with ``src[operand]`` broadcast to the row (ggml ``i % ne``)."""
+
+    op: str  # MUL | ADD | SUB | DIV
+    operand: int  # index into the node's src
+
+    @property
+    def symbol(self) -> str:
+        return EPILOGUE_OPS[self.op]
+
+
+@dataclass(frozen=True)
+class NormPlan:
+    """What the kernel computes: ``norm(src[x], eps)`` then ``steps`` in order."""
+
+    norm: str  # RMS_NORM | NORM
+    x: int
+    eps: float
+    steps: tuple[EpilogueStep, ...]
+
+    @property
+    def inputs(self) -> list[int]:
+        """Source indices the kernel reads, ascending (each becomes binding ``src<i>``)."""
+        return sorted({self.x, *(s.operand for s in self.steps)})
+
+    @property
+    def name(self) -> str:
+        """Chain name in ggml vocabulary, e.g. ``rms_norm_mul_add``."""
+        return "_".join([self.norm.lower()] + [s.op.lower() for s in self.steps])
+
+    def describe(self) -> str:
+        parts = [f"{self.norm}(src{self.x})"] + [f"{s.op}(src{s.operand})" for s in self.steps]
+        return " -> ".join(parts)
+
+
+@dataclass(frozen=True)
+class Tuning:
+    """Launch shape baked into the source: vector width, threads per row (power of two, >= 32),
+    rows per workgroup, register slots per thread (0: stream the row from memory in each pass)."""
+
+    vec: int
+    tpr: int
+    rows: int
+    slots: int
+
+    @property
+    def workgroup(self) -> int:
+        return self.tpr * self.rows
+
+
+def _fail(node: Tensor, msg: str) -> CodegenError:
+    return CodegenError(f"node {node.name!r}: norm_epilogue cannot render it: {msg}")
+
+
+def plan(node: Tensor) -> NormPlan:
+    """The :class:`NormPlan` of a RMS_NORM / NORM node or of a FUSED ``norm_epilogue`` node.
+
+    A FUSED node's decomposition must be a chain: first RMS_NORM or NORM of a placeholder, then
+    binary MUL/ADD/SUB/DIV ops each taking the previous value and one placeholder (on either side for
+    the commutative MUL/ADD, as ``src[0]`` for SUB/DIV), the placeholder broadcastable to the row
+    (ggml_can_repeat) and the result keeping the row's shape. Raises :class:`CodegenError` naming
+    the node otherwise.
+    """
+    if node.op in NORM_OPS:
+        return NormPlan(node.op, 0, float(node.params.get("eps", 0.0)), ())
+    if node.op != "FUSED" or node.decomposition is None:
+        raise _fail(node, f"op {node.op} is not RMS_NORM, NORM or a FUSED norm chain")
+    sub = node.decomposition
+    ops = sub.ops
+    if not ops or ops[0].op not in NORM_OPS:
+        raise _fail(node, "the decomposition must start with RMS_NORM or NORM")
+    norm = ops[0]
+    xs = norm.src[0]
+    if xs is None or not xs.is_leaf or "fused_input" not in xs.params:
+        raise _fail(node, f"{norm.op} must read a fused input directly, not {xs!r}")
+    running = norm
+    steps = []
+    for t in ops[1:]:
+        if t.op not in EPILOGUE_OPS:
+            raise _fail(node, f"{t.op} ({t.name!r}) is not one of {'/'.join(EPILOGUE_OPS)}")
+        a, b = t.src
+        if a is running and b is not running:
+            other = b
+        elif b is running and a is not running and t.op in COMMUTATIVE:
+            other = a
+        else:
+            raise _fail(node, f"{t.op} ({t.name!r}) must combine the previous value with one fused input "
+                              f"(as src[0] for SUB/DIV)")
+        if other is None or not other.is_leaf or "fused_input" not in other.params:
+            raise _fail(node, f"{t.op} ({t.name!r}) operand {other!r} is not a fused input")
+        if t.ne != norm.ne or not can_repeat(other.ne, norm.ne):
+            raise _fail(node, f"{t.op} ({t.name!r}) operand ne={list(other.ne)} does not broadcast to the row "
+                              f"ne={list(norm.ne)}")
+        steps.append(EpilogueStep(t.op, int(other.params["fused_input"])))
+        running = t
+    if sub.outputs[0] is not running:
+        raise _fail(node, "the decomposition's output is not the end of the norm chain")
+    return NormPlan(norm.op, int(xs.params["fused_input"]), float(norm.params.get("eps", 0.0)), tuple(steps))
+
+
+def _vec4_ok(t: Tensor) -> bool:
+    """Rows of ``t`` can be read as aligned 4-vectors (elements adjacent, row starts % 4 == 0)."""
+    nb = elem_strides(t)
+    return (t.ne[0] % 4 == 0 and nb[0] == 1 and elem_offset(t) % 4 == 0
+            and all(nb[i] % 4 == 0 for i in (1, 2, 3) if t.ne[i] > 1))
+
+
+def _pow2ceil(v: int) -> int:
+    return 1 << max(0, (v - 1).bit_length())
+
+
+def tune(node: Tensor, p: NormPlan, backend: str) -> Tuning:
+    """Vector width 4 when every bound tensor allows it (:func:`_vec4_ok`), else 1; about four
+    vectors per thread with 32..``MAX_TPR`` threads per row; several rows per workgroup when one
+    row needs a single warp; the row kept in registers when it fits ``MAX_CACHED_FLOATS``."""
+    tensors = [node.src[i] for i in p.inputs] + [node]
+    vec = 4 if all(_vec4_ok(t) for t in tensors) else 1
+    nvec = node.ne[0] // vec
+    tpr = min(max(_pow2ceil(-(-nvec // 4)), SIMD), MAX_TPR[backend])
+    slots = _pow2ceil(-(-nvec // tpr))
+    if slots * vec > MAX_CACHED_FLOATS:
+        slots = 0
+    rows = max(1, MIN_WG[backend] // tpr) if tpr == SIMD else 1
+    return Tuning(vec, tpr, rows, slots)
+
+
+def _entry(p: NormPlan, bindings: list[Binding], tu: Tuning) -> str:
+    dts = sorted({str(b.dtype) for b in bindings})
+    name = f"{p.name}_{'_'.join(dts)}_v{tu.vec}_t{tu.tpr}"
+    if tu.rows > 1:
+        name += f"_r{tu.rows}"
+    return name + (f"_k{tu.slots}" if tu.slots else "_stream")
+
+
+def _grid(nwg: int) -> tuple[int, int, int]:
+    gx = min(nwg, MAX_GRID)
+    return (gx, -(-nwg // gx), 1)
+
+
+@family("norm_epilogue", ops=NORM_OPS)
+def emit_norm_epilogue(node: Tensor, backend: str) -> Kernel:
+    """Kernel for RMS_NORM / NORM (ggml_rms_norm / ggml_norm over ``ne[0]``) followed by the node's
+    epilogue chain (:func:`plan`), for ``backend`` ``wgsl`` | ``cuda`` | ``msl``.
+
+    Tensors: ``x = src[plan.x]`` f32/f16 ``ne = [n, ne1, ne2, ne3]`` with any row strides (elements of
+    a row at stride ``nb0``); each operand f32/f16 with ``ne`` dividing x's (ggml_can_repeat,
+    element ``i`` reads ``i % ne`` on every axis); result ``dst`` of the node's dtype and shape.
+    RMS_NORM: ``x / sqrt(mean(x^2) + eps)``; NORM: ``(x - mean) / sqrt(var + eps)`` (population
+    variance); all arithmetic in f32 registers. Bindings ``src<i>`` (the used sources, ascending)
+    then ``dst``; params ``src<i>_ne0..3/_nb0..3/_offs``, ``dst_nb0..3/_offs`` (elements), ``eps``
+    (f32) and ``grid_x`` (u32, workgroups along x; rows are folded into a 2-D grid).
+    Raises :class:`CodegenError` for a node :func:`plan` rejects.
+    """
+    p = plan(node)
+    tu = tune(node, p, backend)
+    x = node.src[p.x]
+    bindings = [Binding(f"src{i}", node.src[i], node.src[i].dtype) for i in p.inputs]
+    bindings.append(Binding("dst", node, node.dtype, write=True))
+    nrows = x.ne[1] * x.ne[2] * x.ne[3]
+    grid = _grid(-(-nrows // tu.rows))
+    params = []
+    for i in p.inputs:
+        params += layout_params(f"src{i}", node.src[i])
+    params += layout_params("dst", node, ne=False)
+    params += [("eps", "f32", p.eps), ("grid_x", "u32", grid[0])]
+    entry = _entry(p, bindings, tu)
+    names = [node.name]
+    if node.decomposition is not None:
+        names += [f"{t.name} ({t.op})" for t in node.decomposition.ops]
+    types = TYPE_NAMES[backend]
+    source = render(
+        TEMPLATES[backend], entry=entry, family="norm_epilogue", what=p.describe(), nodes=names,
+        norm=p.norm, x=f"src{p.x}", steps=[{"sym": s.symbol, "src": f"src{s.operand}"} for s in p.steps],
+        operands=[f"src{i}" for i in sorted({s.operand for s in p.steps})],
+        bindings=bindings, types={b.name: types[b.dtype] for b in bindings}, params=params,
+        V=tu.vec, TPR=tu.tpr, R=tu.rows, K=tu.slots, SIMD=SIMD,
+    )
+    return Kernel(backend, "norm_epilogue", entry, source, bindings, params, (tu.workgroup, 1, 1), grid, node,
+                  meta={"plan": p, "tuning": tu})
+
+
+__all__ = ["EpilogueStep", "NormPlan", "Tuning", "emit_norm_epilogue", "plan", "tune"]
