@@ -97,8 +97,8 @@ def rewrite(graph: Graph, patterns: Sequence[Pattern], max_iters: int = 16) -> t
     ``patterns``. Raises :class:`fusec.errors.PatternError` for duplicate pattern names or a
     where-clause that cannot be evaluated, :class:`fusec.errors.GraphError` if ``graph`` is invalid.
     """
-    check_unique(list(patterns))
     pats = sorted(patterns, key=lambda p: p.name)
+    check_unique(pats)
     report = FusionReport({p.name: PatternStats(p.name, p.file, p.line) for p in pats}, max_iters=max_iters)
     g = clone_graph(graph)
     fused_keys: set[tuple[str, str]] = set()
