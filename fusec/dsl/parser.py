@@ -6,7 +6,7 @@ in words. Semantic checks live in :mod:`fusec.dsl.checker`.
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from lark import Lark, Token, Tree
@@ -14,7 +14,7 @@ from lark.exceptions import UnexpectedCharacters, UnexpectedInput, UnexpectedTok
 from lark.lexer import PatternStr
 
 from ..errors import PatternError
-from .ast import Binary, Call, CaptureRef, Expr, ListExpr, Num, Pos, Str, Unary, VarRef, WhereClause
+from .ast import Binary, Call, Capture, CaptureRef, Expr, ListExpr, Num, Pos, Str, Unary, VarRef, WhereClause
 
 _GRAMMAR = Path(__file__).with_name("grammar.lark")
 
@@ -54,7 +54,6 @@ class RawPattern:
     kernel: RawName
     benefit: int | float | None
     benefit_pos: Pos | None = None
-    extra: dict = field(default_factory=dict)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -179,8 +178,6 @@ def _call(t: Tree, file: str) -> RawCall:
 
 
 def _op_param(t: Tree, file: str) -> tuple[str, object, Pos]:
-    from .ast import Capture
-
     key, val = t.children
     tok = val.children[0]
     value: object
