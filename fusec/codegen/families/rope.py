@@ -72,6 +72,7 @@ def emit_rope(node: Tensor, backend: str) -> Kernel:
     params += rope_params(node)
     entry = f"rope_{'neox' if neox else 'norm'}_{x.dtype}{'_ff' if ff is not None else ''}"
     source = render(TEMPLATES[backend], backend=backend, entry=entry, node_name=node.name, wg=WORKGROUP,
+                    threads=WORKGROUP,
                     neox=neox, has_ff=ff is not None, bindings=bindings,
                     elem_types=[TYPE_NAMES[backend][b.dtype] for b in bindings], params=params,
                     t=TYPE_NAMES[backend][x.dtype])

@@ -67,7 +67,7 @@ def emit_soft_max(node: Tensor, backend: str) -> Kernel:
     params += [("scale", "f32", float(node.params.get("scale", 1.0)))]
     mask_t = None if mask is None else mask.dtype
     entry = f"soft_max_f32{'' if mask_t is None else f'_mask_{mask_t}'}_wg{wg}"
-    source = render(TEMPLATES[backend], backend=backend, entry=entry, node_name=node.name, wg=wg,
+    source = render(TEMPLATES[backend], backend=backend, entry=entry, node_name=node.name, wg=wg, threads=wg,
                     has_mask=mask is not None, mask_f16=mask_t == F16,
                     mask_t=TYPE_NAMES[backend][mask_t] if mask_t else None,
                     bindings=bindings, elem_types=[TYPE_NAMES[backend][b.dtype] for b in bindings], params=params)
