@@ -78,6 +78,6 @@ def emit_mul_mat(node: Tensor, backend: str) -> Kernel:
     source = render(f"{backend}/mul_mat.{EXT[backend]}.j2", backend=backend, gemv=gemv, entry=entry,
                     node_name=node.name, bindings=bindings,
                     elem_types=elem_types, params=params, vec4=vec4, wg=wg, tile=TILE, tile_k=TILE_K,
-                    vec_rows=VEC_ROWS, ta=tn[a.dtype])
+                    vec_rows=VEC_ROWS, ta=tn[a.dtype], threads=wg[0] * wg[1])
     return Kernel(backend, "mul_mat", entry, source, bindings, params, wg, grid, node,
                   meta={"variant": "vec" if gemv else "tile"})
