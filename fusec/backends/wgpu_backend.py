@@ -50,6 +50,35 @@ def emit_kernel(node: Tensor, backend: str):
         raise BackendError(f"no {backend} kernel for node '{node.name}' ({node.op}): {e}") from None
 
 
+def check_inputs(backend: str, leaves: list[Tensor],
+                 inputs: Mapping[str, np.ndarray]) -> list[tuple[Tensor, np.ndarray]]:
+    """Validate run inputs against the graph's non-weight ``leaves``; returns ``(leaf, array)`` pairs.
+
+    Each value must be an array of exactly the leaf's dtype (float32 / float16 / int32) with the
+    leaf's element count (any shape). Raises :class:`BackendError`, prefixed with ``backend``, for
+    an unknown name, a missing leaf, a wrong dtype or a wrong size -- nothing is converted silently.
+    """
+    known = {t.name: t for t in leaves}
+    unknown = sorted(set(inputs) - set(known))
+    if unknown:
+        raise BackendError(f"{backend} backend: unknown input(s) {', '.join(map(repr, unknown))}; the graph's inputs "
+                           f"are {', '.join(map(repr, sorted(known))) or 'none'}")
+    missing = [n for n in known if n not in inputs]
+    if missing:
+        raise BackendError(f"{backend} backend: no value for input(s) {', '.join(map(repr, missing))}")
+    out = []
+    for name, t in known.items():
+        a = np.asarray(inputs[name])
+        if a.dtype != t.dtype.np:
+            raise BackendError(f"{backend} backend: input {name!r} is {a.dtype}, the graph needs {t.dtype} "
+                               f"(convert it with .astype(np.{t.dtype.np.name}))")
+        if a.size != t.nelements:
+            raise BackendError(f"{backend} backend: input {name!r} has {a.size} elements {a.shape}, the graph "
+                               f"needs {t.nelements} (ne={list(t.ne)})")
+        out.append((t, a))
+    return out
+
+
 class WgpuBackend(Backend):
     """WGSL kernels on the default WebGPU adapter (lavapipe on CPU-only Linux).
 
@@ -164,27 +193,6 @@ class WgpuExecutable(Executable):
         self._groups = [rt.bind_group(k, [self._buffer(r) for r in roots], u)
                         for k, roots, u in zip(self.kernels, self._roots, self._uniforms, strict=True)]
 
-    def _check_inputs(self, inputs: Mapping[str, np.ndarray]) -> list[tuple[Tensor, np.ndarray]]:
-        known = {t.name: t for t in self._inputs}
-        unknown = sorted(set(inputs) - set(known))
-        if unknown:
-            raise BackendError(f"wgpu backend: unknown input(s) {', '.join(map(repr, unknown))}; the graph's inputs "
-                               f"are {', '.join(map(repr, sorted(known))) or 'none'}")
-        missing = [n for n in known if n not in inputs]
-        if missing:
-            raise BackendError(f"wgpu backend: no value for input(s) {', '.join(map(repr, missing))}")
-        out = []
-        for name, t in known.items():
-            a = np.asarray(inputs[name])
-            if a.dtype != t.dtype.np:
-                raise BackendError(f"wgpu backend: input {name!r} is {a.dtype}, the graph needs {t.dtype} "
-                                   f"(convert it with .astype(np.{t.dtype.np.name}))")
-            if a.size != t.nelements:
-                raise BackendError(f"wgpu backend: input {name!r} has {a.size} elements {a.shape}, the graph "
-                                   f"needs {t.nelements} (ne={list(t.ne)})")
-            out.append((t, a))
-        return out
-
     # -- running ---------------------------------------------------------------------------------------
     def run(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Run the graph once; see :meth:`fusec.backends.base.Executable.run`.
@@ -193,7 +201,7 @@ class WgpuExecutable(Executable):
         dtype and element count. Raises :class:`BackendError` for an unknown, missing, wrongly
         sized or wrongly typed input, or a weight never stored.
         """
-        vals = self._check_inputs(inputs)
+        vals = check_inputs("wgpu", self._inputs, inputs)
         current = {t.name: self.backend.weight_buffer(t) for t in self._weights}
         if (not self._groups and self.kernels) or any(current[n] is not b for n, b in self._bound.items()):
             self._bind()
@@ -220,4 +228,4 @@ class WgpuExecutable(Executable):
         return out
 
 
-__all__ = ["WgpuBackend", "WgpuExecutable", "emit_kernel"]
+__all__ = ["WgpuBackend", "WgpuExecutable", "check_inputs", "emit_kernel"]
