@@ -246,10 +246,18 @@ def test_tiny_llama_decode_matches_numpy(kind):
             "max_position_embeddings": 128}
     cfg = config_from_dict(tiny, name="tiny")
     w = random_weights(cfg, seed=3)
+    dsl = pytest.importorskip("fusec.dsl")
     dev = DecodeSession(cfg, make_backend(kind), w, kv_size=16, kv_pad=4)
+    fused = DecodeSession(cfg, make_backend(kind), w, kv_size=16, kv_pad=4, patterns=dsl.default_patterns())
     ref = DecodeSession(cfg, "numpy", w, kv_size=16, kv_pad=4)
     for chunk in ([5, 17, 3], [96], [0]):
-        np.testing.assert_allclose(dev.step(chunk), ref.step(chunk), rtol=1e-3, atol=1e-3)
+        want = ref.step(chunk)
+        np.testing.assert_allclose(dev.step(chunk), want, rtol=1e-3, atol=1e-3)
+        np.testing.assert_allclose(fused.step(chunk), want, rtol=1e-3, atol=1e-3)
+    assert "FUSED" in fused.last_graph.by_op()
+    for name in ("cache_k_l0", "cache_v_l1"):
+        np.testing.assert_allclose(dev.backend.read_weight(name), ref.backend.read_weight(name), rtol=1e-4,
+                                   atol=1e-5)
 
 
 # -- errors ---------------------------------------------------------------------------------------------
@@ -353,3 +361,62 @@ def test_cuda_backend_without_gpu_is_a_backend_error():
 
     with pytest.raises(BackendError):
         CudaBackend()
+
+
+# -- CudaBackend's cuBLAS path, checked on the host -------------------------------------------------------
+class _Ptr:
+    """Stand-in for ``cupy.cuda.MemoryPointer``: host bytes plus a byte offset."""
+
+    def __init__(self, host: np.ndarray, off: int = 0):
+        self.host, self.off = host, off
+
+    def __add__(self, n: int) -> _Ptr:
+        return _Ptr(self.host, self.off + n)
+
+
+class _Mem:
+    """Stand-in for a uint8 ``cupy.ndarray`` (only ``.data`` is used)."""
+
+    def __init__(self, host: np.ndarray):
+        self.host = host.reshape(-1).view(np.uint8)
+
+    @property
+    def data(self) -> _Ptr:
+        return _Ptr(self.host)
+
+
+class _HostCupy:
+    """The three CuPy entry points :func:`fusec.backends.cuda_backend.mul_mat` uses, on numpy."""
+
+    float32 = np.float32
+    matmul = staticmethod(np.matmul)
+
+    @staticmethod
+    def ndarray(shape, dtype, memptr, strides):
+        return np.ndarray(shape, dtype=dtype, buffer=memptr.host, offset=memptr.off, strides=strides)
+
+
+@pytest.mark.parametrize("wdt", ["f32", "f16"])
+@pytest.mark.parametrize("permuted", [False, True])
+@pytest.mark.parametrize("a23, r23", [((1, 1), (1, 1)), ((2, 1), (3, 1)), ((2, 3), (2, 2)), ((1, 2), (4, 1))])
+def test_cuda_mul_mat_strided_broadcast_matches_ggml(wdt, permuted, a23, r23):
+    from fusec.backends.cuda_backend import mul_mat
+    from fusec.interp import eval_node
+
+    rng = np.random.default_rng(11)
+    K, M, N = 8, 5, 3
+    A2, A3 = a23
+    B2, B3 = A2 * r23[0], A3 * r23[1]
+    b_ = GraphBuilder()
+    a = b_.input("a", wdt, (K, M, A2, A3))
+    if permuted:  # b stored as [K, B2, N, B3] and permuted to [K, N, B2, B3]: strided, as in attention
+        q = b_.input("q", "f32", (K, B2, N, B3))
+        bb = b_.permute(q, 0, 2, 1, 3)
+    else:
+        q = bb = b_.input("q", "f32", (K, N, B2, B3))
+    d = b_.mul_mat(a, bb, name="d")
+    av, qv = rand(rng, a.ne, a.dtype.np), rand(rng, q.ne)
+    out = np.zeros(d.ne[::-1], np.float32)
+    mul_mat(_HostCupy, a, bb, d, _Mem(av), _Mem(qv), _Mem(out))
+    want = eval_node(d, [av, np.ndarray(bb.ne[::-1], np.float32, qv, bb.view_offs, bb.nb[::-1])])
+    np.testing.assert_allclose(out, want, rtol=1e-5, atol=1e-5)
