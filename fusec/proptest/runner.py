@@ -119,8 +119,9 @@ def run_pattern_tests(patterns: Sequence[Pattern], backend: str | Backend = "num
 
     For each pattern, ``examples`` positive graphs (the pattern must fire once, at the root, and
     the backend's result of the rewritten graph must equal the interpreter on the original, within
-    normalized MSE 1e-7 for f32 / 1e-5 when any f16 is involved) and ``examples`` near misses (the
-    pattern must not fire; the rewritten graph must interpret to the same outputs). Prints one line
+    normalized MSE 1e-7 for f32 / 1e-5 when any f16 is involved) and about ``examples`` near misses,
+    split evenly over the derivable kinds (the pattern must not fire; the rewritten graph must
+    interpret to the same outputs). The near misses run only when the positives pass. Prints one line
     per pattern to ``console`` (a ``rich.console.Console``; a new one when ``None``) and, on
     failure, the shrunk counterexample (leaf dtypes and ``ne`` in ggml order, op params, seed,
     error) with the command that reproduces it.
@@ -141,9 +142,13 @@ def run_pattern_tests(patterns: Sequence[Pattern], backend: str | Backend = "num
         pos = run_property(positive_cases(p, facts), lambda c, p=p: check_positive(p, c, runner), examples, seed)
         kinds = near_miss_kinds(p, facts)
         near = RunResult()
-        if pos.ok and kinds:
-            near = run_property(near_miss_cases(p, facts), lambda c, p=p: check_near_miss(p, c, runner),
-                                examples, seed)
+        for kind in kinds if pos.ok else []:  # one run per kind, so that every kind gets its share
+            res = run_property(near_miss_cases(p, facts, kind), lambda c, p=p: check_near_miss(p, c, runner),
+                               max(1, -(-examples // len(kinds))), seed)
+            near.checked.update(res.checked)
+            if not res.ok:
+                near.case, near.error = res.case, res.error
+                break
         ok = pos.ok and near.ok
         all_ok &= ok
         n_pos = pos.checked[POSITIVE]

@@ -230,11 +230,12 @@ def near_miss_kinds(p: Pattern, facts: PatternFacts) -> list[str]:
 
 
 @st.composite
-def near_miss_cases(draw, p: Pattern, facts: PatternFacts) -> Case:
-    """A positive case mutated to break exactly one precondition (see :func:`near_miss_kinds`);
-    the pattern must not fire at its root."""
+def near_miss_cases(draw, p: Pattern, facts: PatternFacts, kind: str | None = None) -> Case:
+    """A positive case mutated to break exactly one precondition: of kind ``kind``, or of any kind
+    of :func:`near_miss_kinds` when ``None``. The pattern must not fire at its root."""
     base = draw(positive_cases(p, facts))
-    kind = draw(st.sampled_from(near_miss_kinds(p, facts)))
+    if kind is None:
+        kind = draw(st.sampled_from(near_miss_kinds(p, facts)))
     if kind in (EXTRA_USER, INTERIOR_OUTPUT):
         interiors = [node_name(p, pn) for pn in p.nodes[:-1]]
         return replace(base, variant=kind, target=draw(st.sampled_from(interiors)))
