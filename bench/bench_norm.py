@@ -70,7 +70,7 @@ class Runner:
         self.kernels = [emit(t, "cuda") for t in graph.nodes if needs_kernel(t)]
         self.launches = []
         for k in self.kernels:
-            fn = cr.function(k)
+            fn = cr.module(k)
             params = cr.params_array(k)
             args = [self.bufs[id(bd.tensor.root)] for bd in k.bindings]
             self.launches.append((k, fn, args, params))
