@@ -181,7 +181,8 @@ def main() -> int:
                             y = F.rms_norm(x, (x.shape[-1],), w, EPS)
                             return y + r if r is not None else y
 
-                        comp = torch.compile(naive)
+                        torch._dynamo.reset()  # one fresh compile per case (no recompile-limit fallback)
+                        comp = torch.compile(naive, dynamic=False)
                         for name, fn in (("torch_naive", naive), ("torch_rms_norm", frms), ("torch_compile", comp)):
                             fn(tx, tw, tr)
                             torch.cuda.synchronize()
