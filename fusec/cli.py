@@ -129,7 +129,7 @@ def print_report(console, report) -> None:
 
 def cmd_compile(args) -> int:
     from .codegen import check as cgcheck
-    from .codegen import emit, needs_kernel
+    from .codegen import emit, needs_kernel, with_nodes_header
     from .ir import dumps
     from .rewrite import rewrite
 
@@ -150,32 +150,33 @@ def cmd_compile(args) -> int:
         _write(tmp / "report.json", json.dumps(report.to_dict(), indent=1))
         manifest = []
         for target in targets:
-            kernels, unique = [], {}
+            kernels: dict[str, object] = {}  # source -> first Kernel; nodes sharing it are collected
+            users: dict[str, list[str]] = {}
+            files: dict[str, str] = {}
             for node in fused.nodes:
                 if not needs_kernel(node):
                     continue
                 k = emit(node, target)
-                fname = unique.get(k.source)
-                if fname is None:
+                if k.source not in files:
                     fname = f"{k.entry}.{k.suffix}"
                     n = 1
-                    while fname in unique.values():
+                    while fname in files.values():
                         n += 1
                         fname = f"{k.entry}_{n}.{k.suffix}"
-                    unique[k.source] = fname
-                    _write(tmp / "kernels" / target / fname, k.source)
-                    kernels.append(k)
+                    files[k.source], kernels[k.source], users[k.source] = fname, k, []
+                users[k.source].append(node.name)
                 manifest.append({"target": target, "node": node.name, "op": node.op, "family": k.family,
-                                 "file": f"kernels/{target}/{fname}", "entry": k.entry,
+                                 "file": f"kernels/{target}/{files[k.source]}", "entry": k.entry,
                                  "workgroup_size": list(k.workgroup_size), "grid": list(k.grid),
                                  "params": [[n_, t_, v_] for n_, t_, v_ in k.params]})
+            for src, fname in files.items():
+                _write(tmp / "kernels" / target / fname, with_nodes_header(src, users[src]))
             checked = "not checked (--no-check)"
             if not args.no_check:
-                checked = {"wgsl": cgcheck.check_wgsl, "cuda": cgcheck.check_cuda, "msl": cgcheck.check_msl}[target](
-                    kernels)
-                checked = checked if isinstance(checked, str) else {
-                    "wgsl": "all validate in wgpu (naga)", "cuda": "all compile with nvcc -arch=sm_90",
-                    "msl": "all pass the MSL syntax check (g++ + shim)"}[target]
+                check = {"wgsl": cgcheck.check_wgsl, "cuda": cgcheck.check_cuda, "msl": cgcheck.check_msl}[target]
+                check(list(kernels.values()))
+                checked = {"wgsl": "all validate in wgpu (naga)", "cuda": "all compile with nvcc -arch=sm_90",
+                           "msl": "all pass the MSL syntax check (g++ + shim)"}[target]
             summary[target] = (len(kernels), checked)
         _write(tmp / "kernels.json", json.dumps(manifest, indent=1))
     print_report(console, report)

@@ -77,7 +77,29 @@ def emit(node: Tensor, backend: str) -> Kernel:
     """
     if backend not in BACKENDS:
         raise CodegenError(f"unknown codegen backend {backend!r} (expected one of {', '.join(BACKENDS)})")
-    return FAMILIES[family_of(node)](node, backend)
+    k = FAMILIES[family_of(node)](node, backend)
+    return _shareable(k, node)
+
+
+NODES_LINE = "// nodes: "
+
+
+def _shareable(k: Kernel, node: Tensor) -> Kernel:
+    """Move the ``// nodes: ...`` header line out of the source into ``k.meta["nodes"]``, so that
+    nodes with the same dtypes, structure and tuning share one source text (and one compiled
+    pipeline/module, whose caches key on the text). ``fusec compile`` writes the line back, listing
+    every node that uses the kernel (:func:`with_nodes_header`)."""
+    lines = k.source.splitlines(keepends=True)
+    kept = [ln for ln in lines if not ln.startswith(NODES_LINE)]
+    k.source = "".join(kept)
+    k.meta.setdefault("nodes", [node.name])
+    return k
+
+
+def with_nodes_header(source: str, nodes: list[str]) -> str:
+    """``source`` with a ``// nodes: a, b, ...`` line after its first (header) line."""
+    first, _, rest = source.partition("\n")
+    return f"{first}\n{NODES_LINE}{', '.join(nodes)}\n{rest}"
 
 
 def emit_graph(graph: Graph, backend: str) -> list[Kernel]:
@@ -86,4 +108,4 @@ def emit_graph(graph: Graph, backend: str) -> list[Kernel]:
 
 
 __all__ = ["BACKENDS", "Binding", "FAMILIES", "Kernel", "OP_FAMILY", "emit", "emit_graph", "family",
-           "family_of", "needs_kernel"]
+           "family_of", "needs_kernel", "with_nodes_header"]
