@@ -24,7 +24,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from fusec.codegen import emit
+from fusec.codegen import emit, with_nodes_header
 from fusec.codegen.check import check_cuda, check_msl
 from fusec.codegen.families.elementwise import MAX_GRID_DIM, WORKGROUP_SIZE, grid_for
 from fusec.errors import CodegenError
@@ -345,8 +345,11 @@ def test_kernel_linearizes_a_folded_grid():
 def test_source_header_names_family_op_and_nodes(backend):
     b = GraphBuilder()
     node = b.mul(b.input("h", "f32", (8,)), b.weight("w", "f32", (8,)), name="ffn_out")
-    first = emit(node, backend).source.splitlines()[0]
-    assert first.startswith("// fusec binary kernel") and "MUL" in first and "'ffn_out'" in first and "'w'" in first
+    k = emit(node, backend)
+    first = k.source.splitlines()[0]
+    assert first.startswith("// fusec binary kernel") and "MUL" in first
+    assert k.meta["nodes"] == ["ffn_out"]  # node names travel beside the text (shared sources)
+    assert with_nodes_header(k.source, k.meta["nodes"]).splitlines()[1] == "// nodes: ffn_out"
 
 
 def test_source_does_not_depend_on_shape():

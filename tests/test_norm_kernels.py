@@ -33,8 +33,15 @@ RUN = {"wgsl": wgpu_runtime.run_kernel, "cuda": cuda_runtime.run_kernel}
 
 
 def nmse(out: np.ndarray, ref: np.ndarray) -> float:
+    """Normalized MSE over the finite reference entries; where the reference is NaN (e.g. NORM of a
+    one-element row with eps = 0: 0/0 as in ggml) the kernel must give NaN too, else the error is inf."""
     out, ref = out.astype(np.float64), ref.astype(np.float64)
-    return float(np.sum((out - ref) ** 2) / np.sum(ref**2))
+    bad = ~np.isfinite(ref)
+    if not np.array_equal(np.isnan(out[bad]), np.isnan(ref[bad])) or not np.all(np.isfinite(out[~bad])):
+        return float("inf")
+    out, ref = out[~bad], ref[~bad]
+    den = np.sum(ref**2)
+    return float(np.sum((out - ref) ** 2) / den) if den > 0 else float(np.sum((out - ref) ** 2))
 
 
 def build(chain: str, dtype: str, ne, w_ne, eps: float, row_pad: int, offs: int):

@@ -1,0 +1,119 @@
+"""End-to-end CLI: the README's commands, exit codes, error lines and atomic outputs."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from fusec.cli import main
+from tests.gpu import requires_wgpu
+
+HAS_NVCC = shutil.which("nvcc") is not None
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "fusec", *args], capture_output=True, text=True, timeout=600)
+
+
+def test_check_prints_one_line_per_shipped_pattern(capsys):
+    from fusec.resources import patterns_dir
+
+    assert main(["check", str(patterns_dir())]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert sum(": ok" in ln for ln in out) == 3
+    assert any("rms_norm_mul_add: RMS_NORM -> MUL -> ADD => RMS_NORM_MUL_ADD" in ln for ln in out)
+
+
+def test_malformed_pattern_reports_file_line_col_and_exit_2(tmp_path):
+    bad = tmp_path / "bad.fuse"
+    bad.write_text("pattern p {\n  match {\n    n = RMSNORM(x)\n    y = MUL(n, w)\n  }\n"
+                   "  rewrite P(x, w) kernel norm_epilogue\n}\n")
+    r = run_cli("check", str(bad))
+    assert r.returncode == 2
+    assert f"{bad}:3:9:" in r.stderr
+    assert "RMS_NORM" in r.stderr  # the suggestion
+    assert "Traceback" not in r.stderr
+
+
+def test_syntax_error_reports_position_and_expected(tmp_path):
+    bad = tmp_path / "syntax.fuse"
+    bad.write_text("pattern p {\n  match {\n    n = RMS_NORM(x\n  }\n}\n")
+    r = run_cli("check", str(bad))
+    assert r.returncode == 2
+    assert f"{bad}:3:19:" in r.stderr and "expected" in r.stderr.lower()
+    assert "Traceback" not in r.stderr
+
+
+def test_invalid_graph_json_names_node_and_field(tmp_path):
+    g = {"format": "fusec-graph", "version": 1, "outputs": [1], "nodes": [
+        {"id": 0, "name": "x", "op": "NONE", "dtype": "f32", "ne": [8, 2, 1, 1], "flags": ["input"]},
+        {"id": 1, "name": "n", "op": "RMS_NORM", "dtype": "f32", "ne": [8, 2, 1, 1], "src": [7]}]}
+    path = tmp_path / "g.json"
+    path.write_text(json.dumps(g))
+    out = tmp_path / "out"
+    r = run_cli("compile", "--graph", str(path), "--target", "wgsl", "-o", str(out), "--no-check")
+    assert r.returncode == 2
+    assert "node 1 ('n'), field 'src'" in r.stderr
+    assert "Traceback" not in r.stderr
+    assert not out.exists()  # nothing half-written
+
+
+def test_failed_compile_keeps_previous_output(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("old")
+    r = run_cli("compile", "--model", "no-such-model", "--target", "wgsl", "-o", str(out))
+    assert r.returncode == 2 and "no-such-model" in r.stderr
+    assert (out / "keep.txt").read_text() == "old"
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]  # no temporary folder left behind
+
+
+@pytest.mark.skipif(not HAS_NVCC, reason="nvcc not installed")
+@requires_wgpu
+def test_compile_llama_3_2_1b_reports_33_rms_norm_fusions(tmp_path):
+    out = tmp_path / "out"
+    r = run_cli("compile", "--model", "llama-3.2-1b", "--target", "wgsl,cuda,msl", "-o", str(out))
+    assert r.returncode == 0, r.stderr
+    report = json.loads((out / "report.json").read_text())
+    stats = {p["name"]: p for p in report["patterns"]}
+    assert stats["rms_norm_mul"]["matches"] == 33
+    roots = sorted(a["root"] for a in stats["rms_norm_mul"]["applied"])
+    expected = sorted([f"attn_norm-{i}" for i in range(16)] + [f"ffn_norm-{i}" for i in range(16)] + ["result_norm"])
+    assert roots == expected
+    for target, ext in (("wgsl", "wgsl"), ("cuda", "cu"), ("msl", "metal")):
+        files = list((out / "kernels" / target).glob(f"*.{ext}"))
+        assert any(f.name.startswith("rms_norm_mul_") for f in files), target
+    assert "all validate in wgpu" in r.stdout and "all compile with nvcc" in r.stdout
+    assert "all pass the MSL syntax check" in r.stdout
+    graph = json.loads((out / "graph.json").read_text())
+    assert sum(n["op"] == "FUSED" for n in graph["nodes"]) == 33
+
+
+@requires_wgpu
+def test_run_smollm2_on_wgpu_verifies_against_unfused_interpreter():
+    r = run_cli("run", "--model", "smollm2-135m", "--backend", "wgpu", "--tokens", "4", "--verify")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "verify: ok (4 steps" in r.stdout
+    assert "fusions per step: 61" in r.stdout  # 2 per layer x 30 layers + result_norm
+
+
+def test_run_verify_fails_loudly_on_mismatch(monkeypatch, capsys):
+    """--verify must be able to fail: corrupt the backend's logits and expect exit 1."""
+    import numpy as np
+
+    from fusec.runtime import session
+
+    real_step = session.DecodeSession.step
+
+    def bad_step(self, ids):
+        out = real_step(self, ids)
+        return out + (1.0 if self.backend.name != "numpy" or self.patterns is not None else 0.0) * np.sign(out)
+
+    monkeypatch.setattr(session.DecodeSession, "step", bad_step)
+    rc = main(["run", "--model", "smollm2-135m", "--layers", "1", "--backend", "numpy", "--tokens", "2", "--verify"])
+    assert rc == 1
+    assert "verify FAILED at step 0" in capsys.readouterr().out
