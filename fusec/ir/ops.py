@@ -154,6 +154,8 @@ def _get_rows(srcs, params) -> Layout:
     a, idx = srcs
     _need(idx.dtype == I32, f"row indices must be i32, got {idx.dtype}")
     _need(a.ne[2] == idx.ne[1] and idx.ne[3] == 1, "src[1] ne[1] must equal src[0] ne[2]")
+    _need(a.ne[3] == idx.ne[2], f"src[0] ne[3]={a.ne[3]} must equal src[1] ne[2]={idx.ne[2]} "
+          "(ggml_get_rows indexes src[0]'s dim 3 with src[1]'s dim 2)")
     return Layout(F32 if a.dtype != I32 else I32, (a.ne[0], idx.ne[0], idx.ne[1], idx.ne[2]))
 
 
