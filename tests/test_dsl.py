@@ -325,3 +325,36 @@ def test_shipped_patterns_load():
         "RMS_NORM_MUL", "RMS_NORM_MUL_ADD", "NORM_MUL_ADD")
     assert pats["rms_norm_mul_add"].leaves == ["x", "w", "b"] and pats["rms_norm_mul_add"].ops == [
         "RMS_NORM", "MUL", "ADD"]
+
+
+def test_shipped_patterns_have_stable_display_paths():
+    """Shipped patterns are named ``patterns/<file>.fuse`` (not the absolute path they were read from),
+    also in a FusionReport's "why not fused?" message; the text still comes from patterns_dir()."""
+    from fusec.ir import GraphBuilder
+    from fusec.resources import patterns_dir
+    from fusec.rewrite import rewrite
+
+    pats = default_patterns()
+    assert {p.file for p in pats} == {f"patterns/{f.name}" for f in patterns_dir().glob("*.fuse")}
+    rms = next(p for p in pats if p.name == "rms_norm_mul")
+    assert rms.location == f"patterns/rms_norm.fuse:{rms.line}"
+    text = (patterns_dir() / "rms_norm.fuse").read_text(encoding="utf-8")
+    assert text.splitlines()[rms.line - 1].startswith("pattern rms_norm_mul ")
+
+    b = GraphBuilder()
+    x, w = b.input("x", "f32", (8, 1)), b.weight("w", "f32", (8, 3))
+    y = b.mul(w, b.rms_norm(x, 1e-6, name="norm"), name="y")
+    _, rep = rewrite(b.build([y]), [rms])
+    (nf,) = rep.not_fused
+    line = next(c.line for c in rms.where if c.text == "can_repeat(w, n)")
+    assert nf.message == f"where can_repeat(w, n) failed (can_repeat(w, n) = false) at patterns/rms_norm.fuse:{line}"
+    assert str(patterns_dir()) not in nf.message
+
+
+def test_user_pattern_files_keep_the_path_as_given(tmp_path, monkeypatch):
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "mine.fuse").write_text("pattern mine {\n match { y = SILU(x) }\n rewrite S(x) kernel k\n}\n")
+    monkeypatch.chdir(tmp_path)
+    assert [p.location for p in load_patterns(["sub/mine.fuse"])] == ["sub/mine.fuse:1"]
+    assert [p.location for p in load_patterns(["sub"])] == ["sub/mine.fuse:1"]
+    assert [p.location for p in load_patterns([tmp_path / "sub"])] == [f"{tmp_path}/sub/mine.fuse:1"]

@@ -43,6 +43,27 @@ def load_patterns(paths: Iterable[Path | str]) -> list[Pattern]:
     Pattern names must be unique across all files. Raises :class:`PatternError` (also when a path
     does not exist).
     """
+    return _load(paths, display_dir=None)
+
+
+SHIPPED_DISPLAY_DIR = "patterns"
+"""Display folder of the shipped pattern files: their ``Pattern.file`` is ``patterns/<name>.fuse``
+wherever :func:`fusec.resources.patterns_dir` finds them (source checkout or installed wheel)."""
+
+
+def default_patterns() -> list[Pattern]:
+    """The shipped patterns (``patterns/*.fuse``, read from :func:`fusec.resources.patterns_dir`).
+
+    Their ``Pattern.file`` -- shown in error positions and FusionReport messages -- is the stable
+    display path ``patterns/<name>.fuse``, not the absolute path they were read from.
+    """
+    from ..resources import patterns_dir
+
+    return _load([patterns_dir()], display_dir=SHIPPED_DISPLAY_DIR)
+
+
+def _load(paths: Iterable[Path | str], display_dir: str | None) -> list[Pattern]:
+    """:func:`load_patterns`; with ``display_dir``, every file is named ``<display_dir>/<file name>``."""
     pats: list[Pattern] = []
     for p in paths:
         path = Path(p)
@@ -53,13 +74,7 @@ def load_patterns(paths: Iterable[Path | str]) -> list[Pattern]:
         else:
             raise PatternError("no such pattern file or directory", str(path), 0, 0)
         for f in files:
-            pats.extend(parse_patterns(f.read_text(encoding="utf-8"), str(f)))
+            shown = str(f) if display_dir is None else f"{display_dir}/{f.name}"
+            pats.extend(parse_patterns(f.read_text(encoding="utf-8"), shown))
     check_unique(pats)
     return pats
-
-
-def default_patterns() -> list[Pattern]:
-    """The shipped patterns (``patterns/*.fuse``, via :func:`fusec.resources.patterns_dir`)."""
-    from ..resources import patterns_dir
-
-    return load_patterns([patterns_dir()])
