@@ -334,10 +334,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(fn=cmd_test)
 
-    p = sub.add_parser("bench", help="benchmark fused kernels (see bench/)")
-    p.add_argument("--backend", default="cuda", choices=["cuda", "wgpu"])
-    p.add_argument("-o", "--output", help="JSON results file")
-    p.add_argument("--quick", action="store_true")
+    p = sub.add_parser("bench", help="check and time the fused RMS_NORM kernels against their peers (issue 3)")
+    p.add_argument("--backend", default="cuda", choices=["cuda", "wgpu", "numpy", "all"],
+                   help="cuda (CuPy + torch peers), wgpu (WGSL), numpy (host check, CI) or all (cuda and wgpu)")
+    p.add_argument("-o", "--output", help="JSON results file (rewritten after every case)")
+    p.add_argument("--markdown", help="also write this BENCHMARKS.md from the results (needs -o)")
+    p.add_argument("--quick", action="store_true", help="rows 32, 8192 x n 4096 only")
+    p.add_argument("--dry", action="store_true", help="correctness only: tiny cases, no timing")
+    p.add_argument("--no-torch", action="store_true", help="leave out the torch / torch.compile peers")
+    p.add_argument("--budget-s", type=float, help="stop timing after this many seconds (later cases only checked)")
     p.set_defaults(fn=cmd_bench)
     return ap
 
