@@ -4,10 +4,11 @@ they promise, and a wrong pattern is caught with a printed counterexample."""
 from __future__ import annotations
 
 import io
+import re
 
 import numpy as np
 import pytest
-from hypothesis import given
+from hypothesis import find, given, settings
 from rich.console import Console
 
 from fusec.backends import Backend, Executable
@@ -120,11 +121,6 @@ def test_shipped_patterns_pass_on_wgpu():
 
     if not wgpu_runtime.available():
         pytest.skip("no wgpu adapter")
-    from fusec import codegen
-
-    codegen._load_families()
-    if "norm_epilogue" not in codegen.FAMILIES:
-        pytest.skip("the norm_epilogue kernel family is not there yet")
     con, buf = _console()
     assert run_pattern_tests(default_patterns(), backend="wgpu", examples=8, console=con), buf.getvalue()
 
@@ -143,6 +139,33 @@ def test_wrong_pattern_fails_with_a_counterexample():
     assert "operands 0/1 swapped at: y" in out
     assert "error: PropertyFailure: output 'y': shape" in out
     assert "reproduce: fusec test wrong.fuse --backend rowkernel --examples 50 --seed 7" in out
+
+
+@pytest.mark.wgpu
+def test_wrong_pattern_fails_on_wgpu():
+    """The real kernel backend catches the missing can_repeat(w, n): positives include graphs where
+    the weight is the LARGER operand (MUL(w_full, rms_norm(x_row))); the wrong pattern fuses them and
+    the norm_epilogue kernel refuses (or would miscompute) them -- reported as a FAILURE with the
+    shrunk counterexample, not raised."""
+    from fusec.backends import wgpu_runtime
+
+    if not wgpu_runtime.available():
+        pytest.skip("no wgpu adapter")
+    wrong = parse_patterns(WRONG, "wrong.fuse")
+    con, buf = _console()
+    assert run_pattern_tests(wrong, backend="wgpu", examples=8, seed=3, console=con) is False
+    out = buf.getvalue()
+    assert out.startswith("FAIL rms_norm_mul_no_broadcast_check (wrong.fuse:4) on wgpu: ")
+    passed = int(re.search(r"on wgpu: (\d+) positive example", out).group(1))
+    assert passed < 8  # examples before the failure, not the shrinker's reruns
+    assert "counterexample (positive example, shrunk)" in out and "operands 0/1 swapped at: y" in out
+    x, w = (tuple(int(v) for v in re.search(rf"{n} f(?:32|16) ne=\[([0-9, ]+)\]", out).group(1).split(", "))
+            for n in ("x", "w"))
+    assert can_repeat(x, w) and not can_repeat(w, x)  # x broadcasts into the larger w
+    assert max(x[0] * x[1] * x[2] * x[3], w[0] * w[1] * w[2] * w[3]) <= 8  # shrunk
+    assert "error: PropertyFailure: backend wgpu cannot run the rewritten graph" in out or \
+        "error: PropertyFailure: output 'y'" in out
+    assert "reproduce: fusec test wrong.fuse --backend wgpu --examples 8 --seed 3" in out
 
 
 def test_wrong_values_fail():
@@ -182,6 +205,42 @@ def test_positive_cases_match(case):
     assert x.ne[0] * x.ne[1] * x.ne[2] * x.ne[3] <= MAX_ELEMENTS
     assert case.leaves["w"].dtype == x.dtype  # derived from dtype(w) == dtype(x)
     assert case.params[0]["eps"] in (1e-6, 0.0, 1e-5, 1e-4, 0.1, 1.0)
+
+
+def test_positive_cases_explore_operand_order_and_the_larger_operand():
+    """For a commutative op, positives put the matched value in src[1] too, and let the other operand
+    be the larger one (the matched value broadcasting into it) whenever the pattern matches that."""
+    wrong = parse_patterns(WRONG, "wrong.fuse")[0]
+
+    def graph(p, case):
+        r = realize(p, case)
+        return r.tensors["y"], r.tensors["n"], r.tensors["w"]
+
+    def larger(case):
+        y, n, w = graph(wrong, case)
+        return y.src[0] is w and w.nelements > n.nelements and can_repeat(n.ne, w.ne)
+
+    case = find(positive_cases(wrong, analyze(wrong)), larger, settings=settings(database=None, max_examples=200))
+    assert case.swaps == frozenset({1})  # the larger operand is src[0]
+
+    def row_into_full(case):  # the x_row / w_full case: x ne=[n,1,1,1] against w ne=[n,k,1,1]
+        y, n, w = graph(wrong, case)
+        return y.src[0] is w and n.ne[1:] == (1, 1, 1) and w.ne[0] == n.ne[0] and w.ne[1] in (3, 4)
+
+    find(positive_cases(wrong, analyze(wrong)), row_into_full, settings=settings(database=None, max_examples=300))
+
+    def swapped_same(case):
+        y, n, w = graph(RMS_MUL, case)
+        return y.src[1] is n and w.ne == n.ne
+
+    find(positive_cases(RMS_MUL, FACTS["rms_norm_mul"]), swapped_same, settings=settings(database=None))
+
+
+@given(positive_cases(RMS_MUL, FACTS["rms_norm_mul"]))
+def test_positive_cases_of_a_correct_pattern_keep_the_weight_broadcastable(case):
+    r = realize(RMS_MUL, case)
+    assert can_repeat(r.tensors["w"].ne, r.tensors["n"].ne)
+    assert r.root.ne == r.tensors["n"].ne
 
 
 @pytest.mark.parametrize("kind", NEAR_MISS_KINDS)

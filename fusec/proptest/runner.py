@@ -14,6 +14,7 @@ from rich.markup import escape
 
 from ..backends import Backend
 from ..dsl.ast import Pattern
+from ..errors import BackendError, CodegenError
 from ..interp import interpret
 from ..rewrite.rewrite import rewrite
 from .analysis import analyze
@@ -42,7 +43,12 @@ def check_positive(p: Pattern, case: Case, runner) -> None:
     if len(fused) != 1 or fused[0].name != r.root.name:
         raise PropertyFailure(f"rewritten graph has FUSED nodes {[t.name for t in fused]}, expected "
                               f"[{r.root.name!r}]")
-    out = runner.run(g2, vals)
+    try:
+        out = runner.run(g2, vals)
+    except (CodegenError, BackendError) as e:
+        # the kernel family refused the fused node (or the backend failed on it): the pattern let a
+        # graph through that its kernel cannot compute -- a failure of this example, not a crash
+        raise PropertyFailure(f"backend {runner.name} cannot run the rewritten graph: {type(e).__name__}: {e}") from e
     _compare_all(out, ref, F16_TOL if case.has_f16 else F32_TOL)
 
 
@@ -83,7 +89,8 @@ class RunResult:
 
 def run_property(strategy, check: Callable[[Case], None], examples: int, seed: int) -> RunResult:
     """Run ``check`` on ``examples`` cases drawn from ``strategy`` (Hypothesis, seeded, no database,
-    no deadline); on failure keep the shrunk case (the last one that failed) and its error."""
+    no deadline); on failure keep the shrunk case (the last one that failed) and its error. ``checked``
+    counts the examples that passed before the first failure."""
     res = RunResult()
 
     @hypothesis_seed(seed)
@@ -96,7 +103,8 @@ def run_property(strategy, check: Callable[[Case], None], examples: int, seed: i
         except Exception as e:
             res.case, res.error = case, e
             raise
-        res.checked[case.variant] += 1
+        if res.error is None:  # examples passed before the first failure (not the shrinker's reruns)
+            res.checked[case.variant] += 1
 
     try:
         with with_reporter(lambda _msg: None):

@@ -3,7 +3,9 @@
 :func:`positive_cases` realizes the match statements in order with ``GraphBuilder.op``: the main
 leaf (first leaf argument of the first op) gets a random ``ne``; every other leaf is given the
 first shape, among candidates derived from the value it is combined with (same shape,
-ggml-broadcastable masks, one row, a scalar, ...), that the op registry accepts; dtypes follow the
+ggml-broadcastable masks, one row, a scalar, ...), that the op registry accepts; a leaf operand of
+a commutative op may also be the larger operand (the matched value broadcasting into it, built as
+``src[0]``), and commutative operands are swapped at random; dtypes follow the
 pattern's ``dtype(..)`` clauses; captured op params come from :data:`PARAM_VALUES`. Only graphs on
 which the pattern matches (structure, escape check, where clauses) are kept.
 
@@ -100,20 +102,36 @@ def _dtype_choices(facts: PatternFacts, leaf: str) -> list[DType]:
     return floats or [d for d in ALL_DTYPES if d in allowed] or list(FLOATS)
 
 
-def _shape_candidates(draw, ref: tuple[int, ...], swap: bool) -> list[tuple[int, int, int, int]]:
+def _shape_candidates(draw, ref: tuple[int, ...]) -> list[tuple[int, int, int, int]]:
+    """Shapes that broadcast INTO ``ref`` (``can_repeat(shape, ref)``), in a drawn order: the same
+    shape, a mask of full/1 dims, one row, a scalar; and a matmul-like shape sharing ``ne[0]``."""
     mask = draw(st.lists(st.booleans(), min_size=4, max_size=4))
     k = draw(st.integers(1, 8))
-    d = draw(st.integers(0, 3))
-    bigger = tuple(v * 2 if i == d else v for i, v in enumerate(ref))
     cands = [tuple(ref), tuple(v if m else 1 for v, m in zip(ref, mask, strict=True)), (ref[0], 1, 1, 1),
              (1, 1, 1, 1), (ref[0], k, ref[2], ref[3])]
-    if swap:
-        cands.insert(2, bigger)
-    order = draw(st.permutations(cands))
+    return _dedup(draw(st.permutations(cands)))
+
+
+def _outer_candidates(draw, ref: tuple[int, ...]) -> list[tuple[int, int, int, int]]:
+    """Shapes strictly LARGER than ``ref`` that ``ref`` broadcasts into (``can_repeat(ref, shape)``),
+    in a drawn order: a dim of size 1 expanded (``x`` row ``[n,1,1,1]`` -> ``w`` ``[n,k,1,1]``) and one
+    dim doubled (ggml's tiling broadcast). At most ``4 * MAX_ELEMENTS`` elements."""
+    k = draw(st.integers(2, 4))
+    d = draw(st.integers(0, 3))
+    ones = [i for i in range(1, 4) if ref[i] == 1]
+    cands = [tuple(v * 2 if i == d else v for i, v in enumerate(ref))]
+    if ones:
+        e = ones[draw(st.integers(0, len(ones) - 1))]
+        cands.insert(0, tuple(k if i == e else v for i, v in enumerate(ref)))
+    fit = [c for c in cands if c[0] * c[1] * c[2] * c[3] <= 4 * MAX_ELEMENTS]
+    return _dedup(draw(st.permutations(fit)))
+
+
+def _dedup(cands) -> list[tuple[int, int, int, int]]:
     out: list[tuple[int, int, int, int]] = []
-    for c in order:
+    for c in cands:
         if c not in out:
-            out.append(c)  # type: ignore[arg-type]
+            out.append(c)
     return out
 
 
@@ -154,7 +172,8 @@ def positive_cases(draw, p: Pattern, facts: PatternFacts) -> Case:
     swaps: set[int] = set()
     for pn in p.nodes:
         case.params[pn.index] = _draw_params(draw, pn, captured)
-        swap = REGISTRY[pn.op].commutative and len(pn.args) >= 2 and draw(st.booleans())
+        commutative = REGISTRY[pn.op].commutative and len(pn.args) >= 2
+        swap = commutative and draw(st.booleans())
         new = [(pos, n) for pos, n in _leaf_args(pn) if n not in case.leaves]
         for pos, name in new:
             arg = pn.args[pos]
@@ -174,20 +193,28 @@ def positive_cases(draw, p: Pattern, facts: PatternFacts) -> Case:
                 continue
             built = realize(p, case, pn.index - 1) if pn.index > 0 else None
             ref = _reference_ne(p, pn, case, built, main)
-            cands = [(dt, ne) for ne in _shape_candidates(draw, ref, swap)]
+            into = _shape_candidates(draw, ref)
+            # a leaf operand of a commutative op may also be the LARGER operand, the matched value
+            # broadcasting into it (then it is src[0]: ggml only broadcasts src[1]); about 1 in 3
+            larger = commutative and pos < 2 and draw(st.integers(0, 2)) == 2
+            outer = _outer_candidates(draw, ref) if commutative and pos < 2 else []
+            cands = [(dt, ne) for ne in (outer + into if larger else into + outer)]
             if not (isinstance(arg, LeafVar) and name in facts.allowed and DType.I32 not in facts.allowed[name]):
                 cands += [(DType.I32, ne) for ne in _int_candidates(draw, ref)]
             pending = [n for _, n in new if n not in case.leaves and n != name and n not in case.absent]
+            orders = [swap, not swap] if commutative else [False]
+            # the first (shape, operand order) the registry accepts; a larger leaf keeps its shape and
+            # takes whichever order builds (it must be src[0]), the others keep the drawn order if any
+            # candidate builds in it
+            trials = ([(c, s) for c in cands for s in orders] if larger else
+                      [(c, s) for s in orders for c in cands])
             chosen = None
-            for attempt_swap in ([True, False] if swap else [False]):
-                for cdt, ne in cands:
-                    trial = replace(case, leaves={**case.leaves, name: LeafSpec(cdt, ne),
-                                                  **{n: LeafSpec(dt, ref) for n in pending}},
-                                    swaps=frozenset(swaps | ({pn.index} if attempt_swap else set())))
-                    if _builds(p, trial, pn.index):
-                        chosen = (LeafSpec(cdt, ne), attempt_swap)
-                        break
-                if chosen:
+            for (cdt, ne), attempt_swap in trials:
+                trial = replace(case, leaves={**case.leaves, name: LeafSpec(cdt, ne),
+                                              **{n: LeafSpec(dt, ref) for n in pending}},
+                                swaps=frozenset(swaps | ({pn.index} if attempt_swap else set())))
+                if _builds(p, trial, pn.index):
+                    chosen = (LeafSpec(cdt, ne), attempt_swap)
                     break
             assume(chosen is not None)
             assert chosen is not None
