@@ -342,7 +342,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="rows 32, 8192 x n 4096 only")
     p.add_argument("--dry", action="store_true", help="correctness only: tiny cases, no timing")
     p.add_argument("--no-torch", action="store_true", help="leave out the torch / torch.compile peers")
-    p.add_argument("--budget-s", type=float, help="stop timing after this many seconds (later cases only checked)")
+    p.add_argument("--budget-s", type=float, help="after this many seconds skip the remaining cases")
+    p.add_argument("--rows", help="comma list: only the cases with these row counts (e.g. 1,32,512)")
     p.set_defaults(fn=cmd_bench)
     return ap
 

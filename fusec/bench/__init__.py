@@ -144,7 +144,8 @@ def run_bench(args) -> int:
 
     ``args`` fields: ``backend`` (cuda | wgpu | numpy | all), ``quick``, ``dry`` (correctness only, tiny
     cases, no timing), ``output`` (JSON path or None), ``markdown`` (BENCHMARKS.md path or None),
-    ``no_torch``, ``budget_s`` (stop timing after this many seconds; cases are still checked).
+    ``no_torch``, ``budget_s`` (after this many seconds the remaining cases are skipped), ``rows``
+    (comma list overriding the case rows).
     Raises :class:`BackendError` when the one backend asked for is not available; with ``all``
     unavailable backends are listed under ``skipped_backends``.
     """
@@ -171,6 +172,12 @@ def run_bench(args) -> int:
     if not measurers:
         raise BackendError("no bench backend is available here: " + "; ".join(f"{k}: {v}" for k, v in skipped.items()))
     cases = case_list(mode)
+    if getattr(args, "rows", None):
+        try:
+            keep = {int(r) for r in args.rows.split(",") if r.strip()}
+        except ValueError:
+            raise FusecError(f"--rows takes a comma list of integers, got {args.rows!r}") from None
+        cases = [c for c in cases if c.rows in keep]
     output = getattr(args, "output", None)
 
     with _progress(len(cases) * len(measurers)) as prog:

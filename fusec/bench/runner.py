@@ -130,7 +130,7 @@ def run_cases(measurers: Sequence[Measurer], cases: Sequence[Case], patterns, *,
     """Run every case on every measurer; returns the results document (schema :data:`SCHEMA`).
 
     ``measurers`` must be set up (:meth:`Measurer.setup`). ``budget_s``: after this many seconds
-    cases are still checked but no longer timed (a note says so). ``on_row(row, doc)`` is called
+    the remaining cases are not run (reported as skipped; a note says so). ``on_row(row, doc)`` is called
     after each row (progress, incremental writes). Document::
 
         {"schema", "meta": run_meta, "backends": {name: {"meta", "notes", "overhead", "results": [row]}}}
@@ -141,15 +141,22 @@ def run_cases(measurers: Sequence[Measurer], cases: Sequence[Case], patterns, *,
                         for m in measurers}}
     budget_noted = False
     for case in cases:
+        if budget_s is not None and time.monotonic() - t0 >= budget_s:
+            if not budget_noted:
+                for m in measurers:
+                    m.notes.append(f"time budget of {budget_s:g} s spent: later cases not run")
+                budget_noted = True
+            for m in measurers:
+                row = {"backend": m.name, **case.row(), "correct": None, "timed": False,
+                       "skipped": "time budget spent"}
+                doc["backends"][m.name]["results"].append(row)
+                if on_row is not None:
+                    on_row(row, doc)
+            continue
         prep = prepare(case, patterns, seed)
         for m in measurers:
-            may_time = budget_s is None or time.monotonic() - t0 < budget_s
-            if not may_time and not budget_noted:
-                for mm in measurers:
-                    mm.notes.append(f"time budget of {budget_s:g} s spent: later cases checked, not timed")
-                budget_noted = True
             try:
-                row = check_and_time(m, prep, timing, may_time)
+                row = check_and_time(m, prep, timing)
             finally:
                 m.release()
             doc["backends"][m.name]["results"].append(row)
