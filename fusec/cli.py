@@ -206,33 +206,62 @@ def cmd_run(args) -> int:
     import numpy as np
 
     from .backends import get_backend
-    from .models import load_config, random_weights
+    from .models import is_checkpoint_path, load_config, load_model, random_weights
     from .runtime import DecodeSession
 
     console = _console()
-    cfg = load_config(args.model)
-    if args.layers:
-        cfg = cfg.with_layers(args.layers)
-    backend = get_backend(args.backend)
-    pats = None if args.no_fuse else _patterns(args)
     if args.tokens < 1:
         raise UsageError("--tokens must be >= 1")
-    prompt = [int(t) for t in args.prompt_ids.split(",")] if args.prompt_ids else [1]
-    kv_size = max(args.n_ctx, len(prompt) + args.tokens)
+    if args.prompt is not None and args.prompt_ids:
+        raise UsageError("give --prompt or --prompt-ids, not both")
+    backend = get_backend(args.backend)
+    pats = None if args.no_fuse else _patterns(args)
     t0 = time.perf_counter()
-    weights = random_weights(cfg, seed=args.seed, weight_dtype=args.weight_dtype)
-    console.print(f"{cfg.name}: {cfg.num_hidden_layers} layers, random weights (seed {args.seed}, {args.weight_dtype}) "
-                  f"in {time.perf_counter() - t0:.1f} s; backend {backend.name}; "
-                  f"fusion {'off' if pats is None else 'on'}")
+    tokenizer = None
+    if is_checkpoint_path(args.model):  # a GGUF file or an HF directory: every tensor is validated here
+        if args.layers:
+            raise UsageError("--layers applies to random-weight configs only, not to a checkpoint")
+        cfg, weights, tokenizer = load_model(args.model, weight_dtype=args.weight_dtype)
+        source = f"weights from {args.model} ({args.weight_dtype})"
+    else:
+        cfg = load_config(args.model)
+        if args.layers:
+            cfg = cfg.with_layers(args.layers)
+        weights = random_weights(cfg, seed=args.seed, weight_dtype=args.weight_dtype)
+        source = f"random weights (seed {args.seed}, {args.weight_dtype})"
+    if args.prompt is not None:
+        if tokenizer is None:
+            raise UsageError(f"--prompt: model {args.model!r} has no usable vocabulary (an HF directory needs "
+                             "tokenizer.json; a GGUF needs a byte-level BPE vocabulary, tokenizer.ggml.model "
+                             "'gpt2'); pass token ids with --prompt-ids")
+        prompt = tokenizer.encode(args.prompt)
+        if not prompt:
+            raise UsageError("--prompt: the text encodes to no tokens")
+    else:
+        try:
+            prompt = [int(t) for t in args.prompt_ids.split(",")] if args.prompt_ids else [1]
+        except ValueError:
+            raise UsageError(f"--prompt-ids takes comma-separated integers, got {args.prompt_ids!r}") from None
+    kv_size = max(args.n_ctx, len(prompt) + args.tokens)
+    console.print(f"{cfg.name}: {cfg.num_hidden_layers} layers, {source} in {time.perf_counter() - t0:.1f} s; "
+                  f"backend {backend.name}; fusion {'off' if pats is None else 'on'}")
     sess = DecodeSession(cfg, backend, weights, kv_size=kv_size, patterns=pats)
     ref = None
     if args.verify:
         ref = DecodeSession(cfg, get_backend("numpy"), weights, kv_size=kv_size, patterns=None)
+    stream = tokenizer.stream() if tokenizer is not None else None
+    if stream is not None:  # the prompt, then each token's text as soon as it is decoded
+        sys.stdout.write(args.prompt if args.prompt is not None else tokenizer.decode(prompt))
+        sys.stdout.flush()
     tokens = list(prompt)
     worst = 0.0
     step_in = prompt
+    t_start = time.perf_counter()
+    t_prompt = 0.0
     for i in range(args.tokens):
         logits = sess.step(step_in)
+        if i == 0:
+            t_prompt = time.perf_counter() - t_start
         tm = sess.timings[-1]
         line = (f"step {i}: pos {tm['pos']:>4} n_kv {tm['n_kv']:>4} "
                 f"build {tm['build_s'] * 1e3:7.1f} ms  rewrite {tm['rewrite_s'] * 1e3:6.1f} ms  "
@@ -245,18 +274,34 @@ def cmd_run(args) -> int:
             rnxt = int(np.argmax(rlog[-1]))
             line += f"  nmse {err:.2e}"
             if err > args.tol or nxt != rnxt:
+                if stream is not None:
+                    sys.stdout.write("\n")
                 console.print(line)
                 console.print(f"[red]verify FAILED at step {i}: nmse {err:.3e} (tol {args.tol:g}), "
                               f"argmax {nxt} vs reference {rnxt}[/red]")
                 return 1
-        console.print(line + f"  -> token {nxt}")
         tokens.append(nxt)
         step_in = [nxt]
+        if stream is None:
+            console.print(line + f"  -> token {nxt}")
+            continue
+        sys.stdout.write(stream.push(nxt))
+        sys.stdout.flush()
+        if nxt in tokenizer.eos_ids:
+            break
+    elapsed = time.perf_counter() - t_start
+    n_gen = len(tokens) - len(prompt)
+    if stream is not None:
+        sys.stdout.write("\n")
+        sys.stdout.flush()
     if sess.last_report is not None:
         console.print(f"fusions per step: {sess.last_report.total_matches}")
     console.print(f"tokens: {tokens}")
+    console.print(f"{n_gen} tokens in {elapsed:.2f} s: {n_gen / max(elapsed, 1e-9):.1f} tokens/s "
+                  f"(prompt of {len(prompt)} tokens: {t_prompt:.2f} s; decode: "
+                  f"{max(n_gen - 1, 0) / max(elapsed - t_prompt, 1e-9):.1f} tokens/s)")
     if ref is not None:
-        console.print(f"verify: ok ({args.tokens} steps, worst nmse {worst:.2e} <= {args.tol:g}, "
+        console.print(f"verify: ok ({n_gen} steps, worst nmse {worst:.2e} <= {args.tol:g}, "
                       "same greedy tokens as the unfused numpy interpreter)")
     return 0
 
@@ -312,8 +357,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-check", action="store_true", help="skip naga / nvcc / MSL syntax checks")
     p.set_defaults(fn=cmd_compile)
 
-    p = sub.add_parser("run", help="decode tokens with random weights")
-    p.add_argument("--model", required=True)
+    p = sub.add_parser("run", help="decode tokens: a checkpoint (GGUF file, HF directory) or random weights")
+    p.add_argument("--model", required=True,
+                   help="a .gguf file, an HF checkpoint directory, or a config name/config.json (random weights)")
     p.add_argument("--backend", default="auto", choices=["auto", "numpy", "wgpu", "cuda"])
     p.add_argument("--tokens", type=int, default=4)
     p.add_argument("--verify", action="store_true", help="compare every step to the unfused numpy interpreter")
@@ -325,6 +371,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--weight-dtype", default="f32", choices=["f32", "f16"])
     p.add_argument("--prompt-ids", help="comma-separated prompt token ids (default: 1)")
+    p.add_argument("--prompt", help="prompt text, tokenized with the checkpoint's vocabulary; streams the text")
     p.set_defaults(fn=cmd_run)
 
     p = sub.add_parser("test", help="property-based equivalence tests for pattern files")

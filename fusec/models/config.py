@@ -18,8 +18,13 @@ import numpy as np
 from ..errors import FusecError
 
 CONFIGS_DIR = Path(__file__).parent / "configs"
-SUPPORTED_MODEL_TYPES = frozenset({"llama"})
-SUPPORTED_ARCHITECTURES = frozenset({"LlamaForCausalLM"})
+SUPPORTED_MODEL_TYPES = frozenset({"llama", "mistral", "qwen2"})
+SUPPORTED_ARCHITECTURES = frozenset({"LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM"})
+# HF model_type -> llama.cpp architecture (``general.architecture``) of the graph built for it.
+# ``convert_hf_to_gguf.py`` converts MistralForCausalLM with LlamaModel (LLM_ARCH_LLAMA).
+LLAMA_CPP_ARCH = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2"}
+ROPE_MODE_NORM = 0  # ggml rope mode 0: adjacent pairs (llama.cpp LLAMA_ROPE_TYPE_NORM: llama, mistral)
+ROPE_MODE_NEOX = 2  # ggml rope mode 2: halves (LLAMA_ROPE_TYPE_NEOX: qwen2, as HF's rotate_half)
 
 
 class ModelError(FusecError):
@@ -65,6 +70,12 @@ class LlamaConfig:
         vocab_size: ``n_vocab``.
         tie_word_embeddings: the output projection reuses ``token_embd.weight``.
         max_position_embeddings: ``n_ctx_train``, in tokens.
+        arch: llama.cpp architecture of the graph: ``"llama"`` (Llama, Mistral) or ``"qwen2"``.
+        attn_bias: q/k/v projections have biases (``blk.N.attn_{q,k,v}.bias``; Qwen2).
+        sliding_window: ``n_swa`` in tokens (Mistral): token at position ``p1`` does not attend a
+            cell at position ``p0`` when ``p1 - p0 >= sliding_window``; ``None`` = full causal.
+        rope_freqs_tensor: the weights carry ``rope_freqs.weight`` although ``rope_scaling`` is
+            unknown (a GGUF file stores llama3 factors as that tensor, not as metadata).
     """
 
     name: str
@@ -80,6 +91,10 @@ class LlamaConfig:
     vocab_size: int
     tie_word_embeddings: bool
     max_position_embeddings: int
+    arch: str = "llama"
+    attn_bias: bool = False
+    sliding_window: int | None = None
+    rope_freqs_tensor: bool = False
 
     # -- derived sizes (llama_hparams vocabulary) -------------------------------------------------
     @property
@@ -91,6 +106,16 @@ class LlamaConfig:
     def n_embd_v_gqa(self) -> int:
         """Elements of one token's V row in the cache (``head_dim * n_head_kv``)."""
         return self.head_dim * self.num_key_value_heads
+
+    @property
+    def rope_mode(self) -> int:
+        """ggml rope mode of Q/K: 0 (normal, llama.cpp LLM_ARCH_LLAMA) or 2 (neox, LLM_ARCH_QWEN2)."""
+        return ROPE_MODE_NEOX if self.arch == "qwen2" else ROPE_MODE_NORM
+
+    @property
+    def has_rope_freqs(self) -> bool:
+        """Whether ``rope_freqs.weight`` (ne = [head_dim/2]) is a model weight."""
+        return self.rope_scaling is not None or self.rope_freqs_tensor
 
     def with_layers(self, n: int) -> LlamaConfig:
         """A copy truncated (or extended) to ``n`` layers; raises :class:`ConfigError` for ``n < 1``."""
@@ -169,12 +194,25 @@ def config_from_dict(data: dict[str, Any], name: str = "model") -> LlamaConfig:
         raise ConfigError(f"model {name!r}: unsupported model_type={mt!r} architectures={archs}; "
                           f"supported: model_type {sorted(SUPPORTED_MODEL_TYPES)} with "
                           f"architectures {sorted(SUPPORTED_ARCHITECTURES)}")
+    if data.get("hidden_act", "silu") != "silu":
+        raise ConfigError(f"model {name!r}: unsupported hidden_act={data.get('hidden_act')!r} (supported: 'silu')")
+    for flag in ("attention_bias", "mlp_bias"):
+        if mt != "qwen2" and data.get(flag):
+            raise ConfigError(f"model {name!r}: {flag}=true is not supported (no o_proj/MLP bias in the graph)")
+    sliding = data.get("sliding_window") if mt == "mistral" else None
+    if mt == "qwen2" and data.get("use_sliding_window"):
+        raise ConfigError(f"model {name!r}: use_sliding_window=true is not supported for qwen2 "
+                          "(llama.cpp's qwen2 graph has no sliding window)")
+    # transformers >= 5 writes ``rope_parameters`` ({"rope_theta", "rope_type", scaling fields})
+    # instead of top-level ``rope_theta`` / ``rope_scaling``.
+    rope_params = data.get("rope_parameters") if isinstance(data.get("rope_parameters"), dict) else {}
     try:
+        sliding = None if sliding is None else int(sliding)
         hidden = int(data["hidden_size"])
         n_head = int(data["num_attention_heads"])
         n_head_kv = int(data.get("num_key_value_heads") or n_head)
         head_dim = int(data.get("head_dim") or hidden // n_head)
-        rope_scaling = _rope_scaling(data.get("rope_scaling"), name)
+        rope_scaling = _rope_scaling(data.get("rope_scaling") or rope_params or None, name)
         cfg = LlamaConfig(
             name=name,
             hidden_size=hidden,
@@ -184,11 +222,14 @@ def config_from_dict(data: dict[str, Any], name: str = "model") -> LlamaConfig:
             head_dim=head_dim,
             num_hidden_layers=int(data["num_hidden_layers"]),
             rms_norm_eps=float(data.get("rms_norm_eps", 1e-6)),
-            rope_theta=float(data.get("rope_theta", 10000.0)),
+            rope_theta=float(data.get("rope_theta", rope_params.get("rope_theta", 10000.0))),
             rope_scaling=rope_scaling,
             vocab_size=int(data["vocab_size"]),
             tie_word_embeddings=bool(data.get("tie_word_embeddings", False)),
             max_position_embeddings=int(data.get("max_position_embeddings", 2048)),
+            arch=LLAMA_CPP_ARCH[mt],
+            attn_bias=mt == "qwen2",
+            sliding_window=sliding,
         )
     except KeyError as e:
         raise ConfigError(f"model {name!r}: config.json lacks {e.args[0]!r}") from None
@@ -197,6 +238,8 @@ def config_from_dict(data: dict[str, Any], name: str = "model") -> LlamaConfig:
     if n_head % n_head_kv != 0:
         raise ConfigError(f"model {name!r}: num_attention_heads={n_head} is not a multiple of "
                           f"num_key_value_heads={n_head_kv}")
+    if sliding is not None and sliding < 1:
+        raise ConfigError(f"model {name!r}: sliding_window must be >= 1, got {sliding}")
     if head_dim % 2 != 0:
         raise ConfigError(f"model {name!r}: head_dim={head_dim} must be even for RoPE")
     return cfg

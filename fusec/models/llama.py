@@ -7,6 +7,11 @@ cache's ``cpy_k`` / ``cpy_v`` / ``get_k`` / ``get_v`` (``llama-kv-cache.cpp``, o
 stream, transposed V cache). Tensor names are llama.cpp's (``cb(cur, "attn_norm", il)`` ->
 ``attn_norm-0``); like llama.cpp, a few names repeat (``Qcur-0`` names both the projection and
 the roped result).
+
+The same builder serves llama.cpp's ``LLM_ARCH_QWEN2`` graph (``src/models/qwen2.cpp``), which
+differs only by the q/k/v biases (MUL_MAT then ADD ``bq``/``bk``/``bv``) and rope type NEOX, and
+Mistral (``LLM_ARCH_LLAMA`` with a sliding window, which lives in the ``kq_mask`` input only):
+both are selected by the config (``cfg.attn_bias``, ``cfg.rope_mode``, ``cfg.sliding_window``).
 """
 
 from __future__ import annotations
@@ -34,7 +39,7 @@ def build_llama_decode(cfg: LlamaConfig, n_tokens: int, n_kv: int, kv_size: int,
         ``v_idxs`` i32 ne = [n_embd_v_gqa * n_tokens]: flat indices into the transposed V cache,
             entry ``i*n_embd_v_gqa + c`` = ``c*kv_size + k_idxs[i]`` (``set_input_v_idxs``).
         ``kq_mask`` f32 ne = [n_kv, n_tokens]: 0 where token ``i`` may attend cell ``j``, -inf
-            elsewhere (``set_input_kq_mask``).
+            elsewhere (``set_input_kq_mask``; causal, and sliding-window for ``cfg.sliding_window``).
 
     Persistent leaves (flag ``weight``): the GGUF-named weights of
     :func:`fusec.models.weights.weight_specs` and the caches ``cache_k_l{il}`` / ``cache_v_l{il}``
@@ -106,11 +111,13 @@ def _qkv(b: GraphBuilder, cfg: LlamaConfig, w: dict[str, Tensor], cur: Tensor, i
                                ("Kcur", "attn_k", cfg.num_key_value_heads),
                                ("Vcur", "attn_v", cfg.num_key_value_heads)):
         t = b.mul_mat(w[p + wname + ".weight"], cur, name=f"{tag}-{il}")
+        if cfg.attn_bias:  # qwen2: ggml_add(Qcur, bq), named Qcur-il again
+            t = b.add(t, w[p + wname + ".bias"], name=f"{tag}-{il}")
         # cb(Vcur, "Vcur", il) renames the reshaped V in llama.cpp; Q and K keep "(reshaped)" until roped
         t = b.reshape(t, (cfg.head_dim, n_head, n_tokens),
                       name=f"{tag}-{il}" if tag == "Vcur" else f"{tag}-{il} (reshaped)")
         if tag != "Vcur":
-            t = b.rope(t, inp_pos, cfg.head_dim, mode=LLAMA_ROPE_TYPE_NORM, freq_factors=rope_factors,
+            t = b.rope(t, inp_pos, cfg.head_dim, mode=cfg.rope_mode, freq_factors=rope_factors,
                        n_ctx_orig=cfg.max_position_embeddings, freq_base=cfg.rope_theta, freq_scale=1.0,
                        ext_factor=0.0, attn_factor=1.0, beta_fast=32.0, beta_slow=1.0, name=f"{tag}-{il}")
         out.append(t)

@@ -51,7 +51,9 @@ def weight_specs(cfg: LlamaConfig, weight_dtype: DType | str = "f32") -> dict[st
     Matrices (``token_embd``, ``attn_q/k/v/output``, ``ffn_gate/up/down``, ``output``) have
     ``weight_dtype`` ("f32" or "f16"); norms and ``rope_freqs.weight`` (present only with llama3
     RoPE scaling, ne = [head_dim/2]) are f32. ``output.weight`` is absent when
-    ``cfg.tie_word_embeddings``. Raises :class:`ModelError` for a bad ``weight_dtype``.
+    ``cfg.tie_word_embeddings``. With ``cfg.attn_bias`` (Qwen2) each layer also has f32 biases
+    ``blk.{il}.attn_{q,k,v}.bias`` (ne = [n_head*head_dim] / [n_embd_k_gqa] / [n_embd_v_gqa], as
+    llama.cpp's ``LLM_ARCH_QWEN2`` tensors ``bq``/``bk``/``bv``). Raises :class:`ModelError` for a bad ``weight_dtype``.
     """
     wt = parse_float_dtype(weight_dtype, "weight_dtype")
     n_embd, n_vocab, n_ff = cfg.hidden_size, cfg.vocab_size, cfg.intermediate_size
@@ -60,7 +62,7 @@ def weight_specs(cfg: LlamaConfig, weight_dtype: DType | str = "f32") -> dict[st
              TensorSpec("output_norm.weight", F32, _ne(n_embd))]
     if not cfg.tie_word_embeddings:
         specs.append(TensorSpec("output.weight", wt, _ne(n_embd, n_vocab)))
-    if cfg.rope_scaling is not None:
+    if cfg.has_rope_freqs:
         specs.append(TensorSpec("rope_freqs.weight", F32, _ne(cfg.head_dim // 2)))
     for il in range(cfg.num_hidden_layers):
         p = f"blk.{il}."
@@ -70,6 +72,9 @@ def weight_specs(cfg: LlamaConfig, weight_dtype: DType | str = "f32") -> dict[st
             TensorSpec(p + "attn_k.weight", wt, _ne(n_embd, cfg.n_embd_k_gqa)),
             TensorSpec(p + "attn_v.weight", wt, _ne(n_embd, cfg.n_embd_v_gqa)),
             TensorSpec(p + "attn_output.weight", wt, _ne(n_q, n_embd)),
+            *([TensorSpec(p + "attn_q.bias", F32, _ne(n_q)),
+               TensorSpec(p + "attn_k.bias", F32, _ne(cfg.n_embd_k_gqa)),
+               TensorSpec(p + "attn_v.bias", F32, _ne(cfg.n_embd_v_gqa))] if cfg.attn_bias else []),
             TensorSpec(p + "ffn_norm.weight", F32, _ne(n_embd)),
             TensorSpec(p + "ffn_gate.weight", wt, _ne(n_embd, n_ff)),
             TensorSpec(p + "ffn_down.weight", wt, _ne(n_ff, n_embd)),
@@ -100,7 +105,8 @@ def random_weights(cfg: LlamaConfig, seed: int = 0, weight_dtype: DType | str = 
 
     Matrices are ``N(0, 1) / sqrt(fan_in)`` (fan_in = ``ne[0]``) so every projection keeps O(1)
     activations; ``token_embd`` uses the same scale so tied logits stay O(1); norm weights are
-    ``1 + 0.1*N(0, 1)``; ``rope_freqs.weight`` holds the llama3 factors (not random). Arrays have
+    ``1 + 0.1*N(0, 1)``, biases ``0.1*N(0, 1)``; ``rope_freqs.weight`` holds the llama3 factors (not
+    random; ones without ``rope_scaling``). Arrays have
     numpy shape ``ne[::-1]`` and dtype float32, or float16 for matrices when ``weight_dtype`` is
     "f16". Raises :class:`ModelError` for a bad ``weight_dtype``.
     """
@@ -108,7 +114,11 @@ def random_weights(cfg: LlamaConfig, seed: int = 0, weight_dtype: DType | str = 
     out: dict[str, np.ndarray] = {}
     for name, spec in weight_specs(cfg, weight_dtype).items():
         if name == "rope_freqs.weight":
-            arr = cfg.rope_freq_factors().reshape(spec.np_shape)
+            factors = cfg.rope_freq_factors()
+            arr = (np.ones(spec.np_shape, np.float32) if factors is None else factors.reshape(spec.np_shape))
+        elif name.endswith(".bias"):
+            arr = rng.standard_normal(spec.np_shape, dtype=np.float32)
+            arr *= np.float32(0.1)
         elif spec.ne[1] == 1:  # norm weight
             arr = rng.standard_normal(spec.np_shape, dtype=np.float32)
             arr *= np.float32(0.1)

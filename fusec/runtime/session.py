@@ -32,16 +32,22 @@ def round_up(n: int, multiple: int) -> int:
     return (n + multiple - 1) // multiple * multiple
 
 
-def causal_kq_mask(pos: int, n_tokens: int, n_kv: int) -> np.ndarray:
+def causal_kq_mask(pos: int, n_tokens: int, n_kv: int, sliding_window: int | None = None) -> np.ndarray:
     """``kq_mask`` for one sequence whose token ``i`` sits at position (= KV cell) ``pos + i``.
 
     As llama.cpp's ``set_input_kq_mask`` with causal attention: entry ``[i, j]`` is 0 when cell
     ``j`` holds a position ``<= pos + i`` and ``-inf`` otherwise (later tokens and empty cells).
-    Returns float32 of numpy shape ``(1, 1, n_tokens, n_kv)`` (ne = [n_kv, n_tokens]).
+    With ``sliding_window`` (``n_swa``, tokens) a cell is also masked when ``(pos + i) - j >=
+    sliding_window`` (llama.cpp ``is_masked_swa`` for ``LLAMA_SWA_TYPE_STANDARD``; the same rule
+    as transformers' sliding-window causal mask). Returns float32 of numpy shape
+    ``(1, 1, n_tokens, n_kv)`` (ne = [n_kv, n_tokens]).
     """
     cells = np.arange(n_kv)[None, :]
     limit = (pos + np.arange(n_tokens))[:, None]
-    mask = np.where(cells <= limit, np.float32(0.0), np.float32(-np.inf)).astype(np.float32)
+    allowed = cells <= limit
+    if sliding_window is not None:
+        allowed &= (limit - cells) < int(sliding_window)
+    mask = np.where(allowed, np.float32(0.0), np.float32(-np.inf)).astype(np.float32)
     return mask.reshape(1, 1, n_tokens, n_kv)
 
 
@@ -114,8 +120,8 @@ class DecodeSession:
         ``inp_tokens``/``inp_pos``/``k_idxs`` int32 ``(n_tokens,)``; ``v_idxs`` int32
         ``(n_tokens*n_embd_v_gqa,)`` with entry ``i*n_embd_v_gqa + c = c*kv_size + pos + i``
         (llama.cpp ``set_input_v_idxs``, transposed V cache); ``kq_mask`` from
-        :func:`causal_kq_mask`. Raises :class:`SessionError` for an empty step, a token id outside
-        ``[0, vocab_size)`` or a step that overflows the KV cache.
+        :func:`causal_kq_mask` (with ``cfg.sliding_window``). Raises :class:`SessionError` for an
+        empty step, a token id outside ``[0, vocab_size)`` or a step that overflows the KV cache.
         """
         ids = np.asarray(list(token_ids), dtype=np.int64)
         n = int(ids.size)
@@ -133,7 +139,7 @@ class DecodeSession:
             "inp_pos": cells.copy(),
             "k_idxs": cells.copy(),
             "v_idxs": v_idxs,
-            "kq_mask": causal_kq_mask(self.pos, n, self.n_kv_for(n)),
+            "kq_mask": causal_kq_mask(self.pos, n, self.n_kv_for(n), self.cfg.sliding_window),
         }
 
     # -- graphs ----------------------------------------------------------------------------------
