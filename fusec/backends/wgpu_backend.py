@@ -193,6 +193,17 @@ class WgpuExecutable(Executable):
         self._groups = [rt.bind_group(k, [self._buffer(r) for r in roots], u)
                         for k, roots, u in zip(self.kernels, self._roots, self._uniforms, strict=True)]
 
+    def patch_params(self, index: int, params: list) -> None:
+        """Replace the parameter values of kernel ``index`` (same names and types, new values) and
+        rewrite its uniform buffer in place; bind groups and pipelines stay. Used by the graph
+        cache for dynamic view offsets. Raises :class:`BackendError` for another parameter list."""
+        k = self.kernels[index]
+        if [(n, t) for n, t, _ in params] != [(n, t) for n, t, _ in k.params]:
+            raise BackendError(f"wgpu backend: kernel {index} ({k.entry}, node {k.node.name if k.node else '?'!r}): "
+                               "patched parameters must keep the names and types of the compiled ones")
+        k.params = list(params)
+        rt.device().queue.write_buffer(self._uniforms[index], 0, rt.pack_params(k))
+
     # -- running ---------------------------------------------------------------------------------------
     def run(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Run the graph once; see :meth:`fusec.backends.base.Executable.run`.

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib
 import pkgutil
+import time
 from collections.abc import Callable
 
 from ..errors import CodegenError
@@ -47,6 +48,9 @@ def _load_families() -> None:
 
     for mod in pkgutil.iter_modules(families.__path__):
         importlib.import_module(f"{families.__name__}.{mod.name}")
+    from . import diskcache  # render cache (memory + disk) behind every family's ``render``
+
+    diskcache.install()
     _loaded = True
 
 
@@ -77,8 +81,17 @@ def emit(node: Tensor, backend: str) -> Kernel:
     """
     if backend not in BACKENDS:
         raise CodegenError(f"unknown codegen backend {backend!r} (expected one of {', '.join(BACKENDS)})")
+    t0 = time.perf_counter()
     k = FAMILIES[family_of(node)](node, backend)
-    return _shareable(k, node)
+    k = _shareable(k, node)
+    _diskcache().STATS.emit_s += time.perf_counter() - t0
+    return k
+
+
+def _diskcache():
+    from . import diskcache  # noqa: PLC0415
+
+    return diskcache
 
 
 NODES_LINE = "// nodes: "
@@ -89,11 +102,26 @@ def _shareable(k: Kernel, node: Tensor) -> Kernel:
     nodes with the same dtypes, structure and tuning share one source text (and one compiled
     pipeline/module, whose caches key on the text). ``fusec compile`` writes the line back, listing
     every node that uses the kernel (:func:`with_nodes_header`)."""
-    lines = k.source.splitlines(keepends=True)
-    kept = [ln for ln in lines if not ln.startswith(NODES_LINE)]
-    k.source = "".join(kept)
+    if NODES_LINE in k.source:
+        k.source = _strip_nodes_lines(k.source)
     k.meta.setdefault("nodes", [node.name])
     return k
+
+
+def _strip_nodes_lines(src: str) -> str:
+    """``src`` without the lines that start with :data:`NODES_LINE` (scans only for the marker)."""
+    out: list[str] = []
+    i = 0
+    while (j := src.find(NODES_LINE, i)) >= 0:
+        if j == 0 or src[j - 1] == "\n":
+            e = src.find("\n", j)
+            out.append(src[i:j])
+            i = len(src) if e < 0 else e + 1
+        else:
+            out.append(src[i:j + len(NODES_LINE)])
+            i = j + len(NODES_LINE)
+    out.append(src[i:])
+    return "".join(out)
 
 
 def with_nodes_header(source: str, nodes: list[str]) -> str:

@@ -12,6 +12,23 @@ from ..ir.graph import Graph
 from ..ir.tensor import Tensor
 from .fuse import make_fused_node
 
+_ATOMS = frozenset({str, int, float, bool, type(None)})
+
+
+def copy_params(v):
+    """A deep copy of op params (JSON-like: dicts, lists, tuples, scalars); the same result as
+    ``copy.deepcopy`` without its memo bookkeeping (falls back to it for any other type)."""
+    t = type(v)
+    if t in _ATOMS:
+        return v
+    if t is dict:
+        return {k: copy_params(x) for k, x in v.items()}
+    if t is list:
+        return [copy_params(x) for x in v]
+    if t is tuple:
+        return tuple(copy_params(x) for x in v)
+    return copy.deepcopy(v)
+
 
 def copy_tensor(b: GraphBuilder, t: Tensor, srcs: Sequence[Tensor | None], flags: bool = True) -> Tensor:
     """A copy of ``t`` in ``b`` with sources ``srcs`` (already in ``b``): same op, params (deep
@@ -21,13 +38,13 @@ def copy_tensor(b: GraphBuilder, t: Tensor, srcs: Sequence[Tensor | None], flags
     if t.is_leaf:
         c = b.leaf(t.name, t.dtype, t.ne, sorted(t.flags) if flags else ())
         c.nb = tuple(t.nb)
-        c.params = copy.deepcopy(t.params)
+        c.params = copy_params(t.params)
         return c
     if t.op == "FUSED":
         assert t.decomposition is not None
-        c = make_fused_node(b, clone_graph(t.decomposition), list(srcs), copy.deepcopy(t.params), t.name)
+        c = make_fused_node(b, clone_graph(t.decomposition), list(srcs), copy_params(t.params), t.name)
     else:
-        c = b.op(t.op, list(srcs), copy.deepcopy(t.params), name=t.name)
+        c = b.op(t.op, list(srcs), copy_params(t.params), name=t.name)
     if (c.dtype, c.ne, c.nb) != (t.dtype, t.ne, t.nb):
         raise GraphError(f"copy has {c.dtype} ne={list(c.ne)} nb={list(c.nb)}, original {t.dtype} ne={list(t.ne)} "
                          f"nb={list(t.nb)}", node=repr(t.name), field="ne")

@@ -116,6 +116,7 @@ class GraphIndex:
     outputs: set[int]
     topo: dict[int, int]
     by_op: dict[str, list[Tensor]]
+    _ctx: EvalContext | None = field(default=None, repr=False, compare=False)
 
     @classmethod
     def of(cls, graph: Graph) -> GraphIndex:
@@ -123,7 +124,10 @@ class GraphIndex:
         return cls(graph.users(), outs, {id(t): i for i, t in enumerate(graph.nodes)}, graph.by_op())
 
     def context(self) -> EvalContext:
-        return EvalContext({k: len(v) for k, v in self.users.items()}, self.outputs)
+        """The where-clause context (use counts, outputs), computed once per index."""
+        if self._ctx is None:
+            self._ctx = EvalContext({k: len(v) for k, v in self.users.items()}, self.outputs)
+        return self._ctx
 
 
 # ---------------------------------------------------------------------------------------------

@@ -8,19 +8,19 @@ runs it.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
-from ..backends import Backend, Executable, get_backend
+from ..backends import Backend, get_backend
 from ..errors import FusecError
 from ..ir.dtypes import F16, F32, DType
 from ..ir.graph import Graph
 from ..models.config import LlamaConfig
 from ..models.llama import build_llama_decode
 from ..models.weights import empty_kv_cache, parse_float_dtype
+from .cache import PHASES, GraphCache
 
 
 class SessionError(FusecError):
@@ -64,13 +64,17 @@ class DecodeSession:
         kv_pad: ``n_kv`` is ``min(kv_size, round_up(pos + n_tokens, kv_pad))`` (llama.cpp pads to
             256); larger pads mean fewer distinct graphs, smaller ones less attention work.
         kv_dtype: "f32" or "f16" cache elements.
-        cache_graphs: reuse the compiled executable of an earlier step with the same
-            ``(n_tokens, n_kv)`` (the graph depends on nothing else).
+        cache_graphs: reuse compiled graphs through :attr:`graph_cache` (a
+            :class:`~fusec.runtime.cache.GraphCache`; ``FUSEC_DISABLE_GRAPH_CACHE=1`` also turns it
+            off): a step with an ``(n_tokens, n_kv)`` seen before neither builds nor compiles.
 
     Attributes:
         pos: number of positions already in the KV cache.
-        timings: one dict per step: ``pos``, ``n_tokens``, ``n_kv``, ``cached`` and host seconds
-            ``build_s``, ``rewrite_s``, ``compile_s``, ``run_s``.
+        timings: one dict per step: ``pos``, ``n_tokens``, ``n_kv``, ``cached`` (graph-cache hit),
+            ``reused`` (hit without building) and host seconds ``build_s``, ``rewrite_s``,
+            ``codegen_s``, ``compile_s`` (backend compile without codegen), ``lookup_s`` (key,
+            lookup, input validation), ``run_s`` (encode+launch, waiting for the logits).
+        graph_cache: the :class:`~fusec.runtime.cache.GraphCache` (statistics in ``.stats``).
         last_report: the FusionReport of the graph run by the last step (``None`` without fusion).
         last_graph: the (rewritten) graph run by the last step.
         last_inputs: the inputs of the last step by leaf name (to replay it elsewhere).
@@ -101,7 +105,7 @@ class DecodeSession:
         self.last_report: Any = None
         self.last_graph: Graph | None = None
         self.last_inputs: dict[str, np.ndarray] = {}
-        self._compiled: dict[tuple[int, int], tuple[Executable, Graph, Any]] = {}
+        self.graph_cache = GraphCache(self.backend, self.patterns, enabled=None if cache_graphs else False)
         self.reset()
 
     # -- state ---------------------------------------------------------------------------------
@@ -143,28 +147,20 @@ class DecodeSession:
         }
 
     # -- graphs ----------------------------------------------------------------------------------
-    def _executable(self, n_tokens: int, n_kv: int, timing: dict[str, Any]) -> tuple[Executable, Graph, Any]:
-        key = (n_tokens, n_kv)
-        if self.cache_graphs and key in self._compiled:
-            timing.update(cached=True, build_s=0.0, rewrite_s=0.0, compile_s=0.0)
-            return self._compiled[key]
-        t0 = time.perf_counter()
-        graph = build_llama_decode(self.cfg, n_tokens, n_kv, self.kv_size, kv_dtype=self.kv_dtype,
-                                   weight_dtype=self.weight_dtype)
-        t1 = time.perf_counter()
-        report = None
-        if self.patterns is not None:
-            from ..rewrite import rewrite  # lazy: the rewriter is only needed with patterns
+    def _build(self, n_tokens: int, n_kv: int) -> Graph:
+        return build_llama_decode(self.cfg, n_tokens, n_kv, self.kv_size, kv_dtype=self.kv_dtype,
+                                  weight_dtype=self.weight_dtype)
 
-            graph, report = rewrite(graph, self.patterns)
-        t2 = time.perf_counter()
-        exe = self.backend.compile(graph)
-        t3 = time.perf_counter()
-        timing.update(cached=False, build_s=t1 - t0, rewrite_s=t2 - t1, compile_s=t3 - t2)
-        entry = (exe, graph, report)
-        if self.cache_graphs:
-            self._compiled[key] = entry
-        return entry
+    def _run_graph(self, n_tokens: int, n_kv: int, inputs: dict[str, np.ndarray],
+                   timing: dict[str, Any]) -> tuple[dict[str, np.ndarray], Graph, Any]:
+        """Run one step through :attr:`graph_cache`: ``(n_tokens, n_kv)`` is everything the decode
+        graph depends on besides the session's fixed settings, so a step with a known pair reuses
+        its entry without building (``can_reuse``); otherwise build, then hit or miss by structure."""
+        outs, entry = self.graph_cache.step((n_tokens, n_kv), lambda: self._build(n_tokens, n_kv), inputs)
+        lt = self.graph_cache.last_timing
+        timing.update(cached=bool(lt["hit"]), reused=bool(lt["reused"]),
+                      **{k: float(lt.get(k, 0.0)) for k in (*PHASES, "lookup_s")})
+        return outs, entry.graph, entry.report
 
     # -- decoding --------------------------------------------------------------------------------
     def step(self, token_ids: Sequence[int]) -> np.ndarray:
@@ -178,10 +174,7 @@ class DecodeSession:
         n = int(inputs["inp_tokens"].size)
         n_kv = int(inputs["kq_mask"].shape[-1])
         timing: dict[str, Any] = {"pos": self.pos, "n_tokens": n, "n_kv": n_kv}
-        exe, graph, report = self._executable(n, n_kv, timing)
-        t0 = time.perf_counter()
-        outs = exe.run(inputs)
-        timing["run_s"] = time.perf_counter() - t0
+        outs, graph, report = self._run_graph(n, n_kv, inputs, timing)
         self.timings.append(timing)
         self.last_graph, self.last_report, self.last_inputs = graph, report, inputs
         self.pos += n

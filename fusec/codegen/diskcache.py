@@ -1,0 +1,341 @@
+"""A render cache for kernel sources: in memory, and on disk so that a second process does not
+re-render what a first one rendered.
+
+Kernel families render Jinja templates (:func:`fusec.codegen.env.render`); rendering is most of
+the cost of codegen (about 0.3 ms a kernel here, against tens of µs for computing the parameters).
+:func:`cached_render` replaces ``render`` inside the family modules (installed by
+:func:`install`, called by ``fusec.codegen._load_families``) and memoizes the text by a key made of:
+
+* the fusec version, a hash of every template file under ``templates/`` (any template edit
+  invalidates everything) and the template path (which names the backend dialect: ``wgsl/``,
+  ``cuda/``, ``msl/``);
+* the *render context* with the values that do not shape the text taken out: node names
+  (``node_name``, ``src_names``, ``nodes``; they only appear in the ``// nodes:`` header line), the
+  values of the kernel parameters (``params`` entries ``(name, type, value)`` keep name and type:
+  values are runtime parameters, see ``docs/ARCHITECTURE.md``) and the tensors of
+  :class:`~fusec.codegen.kernel.Binding` records (name, dtype and write flag stay).
+
+That the left-out values really do not shape the text is *checked* on every miss: the template is
+rendered a second time with sentinel names, perturbed parameter values and bindings without
+tensors; the text is cached only when substituting the real names back gives exactly the first
+render. A template that uses one of them is simply never cached. So a cached render is always
+byte-identical to an uncached one.
+
+On disk (``$FUSEC_CACHE_DIR``, default ``~/.cache/fusec``) each entry is one JSON file
+``kernels/<digest[:2]>/<digest>.json`` holding the full key text and the source; it is written to
+a temporary file in the same folder and renamed into place (``os.replace``), so concurrent writers
+(two processes rendering the same kernel) never leave a partial file and readers never see one; a
+file whose key text differs or that does not parse is ignored and rewritten. Environment:
+``FUSEC_DISABLE_DISK_CACHE=1`` turns the disk off (memory memo only), ``FUSEC_DISABLE_RENDER_CACHE=1``
+turns both off.
+
+Compiled binaries are not stored here: wgpu compiles WGSL when pipelines are created (kept per
+process by ``fusec.backends.wgpu_runtime``), and for CUDA, CuPy keeps its own on-disk cache of
+NVRTC-compiled cubins keyed by source text, options and architecture (``CUPY_CACHE_DIR``, default
+``~/.cupy/kernel_cache``), so a rendered source that hits here also hits there.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, fields, is_dataclass
+from pathlib import Path
+from typing import Any
+
+from .. import __version__
+from ..ir.dtypes import DType
+from ..resources import templates_dir
+from . import env
+from .kernel import Binding
+
+NAME_KEYS = ("node_name", "src_names")
+"""Render-context entries holding one node-name string (only in header comments)."""
+NAMES_LIST_KEYS = ("nodes",)
+"""Render-context entries holding a list of node names."""
+_SENT = "\x01fusec:{}\x02"
+
+
+@dataclass
+class RenderStats:
+    """Counters of this process (reset with :func:`reset`).
+
+    Attributes:
+        memory_hits, disk_hits, misses: renders served from memory, from disk, rendered.
+        uncacheable: renders whose template uses a left-out value (rendered every time).
+        disk_writes: files written.
+        render_s: seconds spent in Jinja (misses, including the verification render).
+        emit_s: seconds spent in ``fusec.codegen.emit`` (all of codegen; updated by ``emit``).
+    """
+
+    memory_hits: int = 0
+    disk_hits: int = 0
+    misses: int = 0
+    uncacheable: int = 0
+    disk_writes: int = 0
+    render_s: float = 0.0
+    emit_s: float = 0.0
+
+
+STATS = RenderStats()
+_memory: dict[str, str] = {}
+_uncacheable: set[str] = set()
+_lock = threading.Lock()
+_template_hash: str | None = None
+
+
+def cache_dir() -> Path:
+    """``$FUSEC_CACHE_DIR`` or ``~/.cache/fusec`` (not created here)."""
+    d = os.environ.get("FUSEC_CACHE_DIR")
+    return Path(d) if d else Path.home() / ".cache" / "fusec"
+
+
+def disk_enabled() -> bool:
+    env_ = os.environ
+    return not (env_.get("FUSEC_DISABLE_DISK_CACHE") == "1" or env_.get("FUSEC_DISABLE_RENDER_CACHE") == "1")
+
+
+def enabled() -> bool:
+    return os.environ.get("FUSEC_DISABLE_RENDER_CACHE") != "1"
+
+
+def reset(memory: bool = True) -> None:
+    """Forget the in-memory state (as a fresh process would) and zero :data:`STATS`."""
+    global _template_hash
+    with _lock:
+        if memory:
+            _memory.clear()
+            _uncacheable.clear()
+            _template_hash = None
+        for f in fields(RenderStats):
+            setattr(STATS, f.name, f.default)
+
+
+def template_hash() -> str:
+    """SHA-256 over the relative paths and bytes of every file under ``templates/`` (once per process)."""
+    global _template_hash
+    if _template_hash is None:
+        h = hashlib.sha256()
+        root = templates_dir()
+        for p in sorted(root.rglob("*")):
+            if p.is_file():
+                h.update(str(p.relative_to(root)).encode() + b"\0" + p.read_bytes() + b"\0")
+        _template_hash = h.hexdigest()
+    return _template_hash
+
+
+# -- keys ----------------------------------------------------------------------------------------
+
+
+_PLAIN = frozenset({str, int, float, bool, type(None)})
+
+
+def _canon(v: Any) -> Any:
+    """A repr-stable stand-in for a context value (``repr`` tells ``1``, ``1.0``, ``True``, ``'1'`` apart)."""
+    t = type(v)
+    if t in _PLAIN:
+        return v
+    if t is list or t is tuple:
+        return [_canon(x) for x in v]
+    if t is dict:
+        return {str(k): _canon(x) for k, x in v.items()}
+    if t is Binding:
+        return ("B", v.name, v.dtype.value, v.write)
+    if t is DType:
+        return ("T", v.value)
+    if is_dataclass(v) and not isinstance(v, type):
+        return ("D", t.__name__, [(f.name, _canon(getattr(v, f.name))) for f in fields(v)])
+    raise TypeError(t.__name__)
+
+
+def _params_shape(params: Any) -> Any:
+    """``params`` without values: ``(name, type)`` of each entry."""
+    return [p[:2] for p in params]
+
+
+def render_key(template: str, ctx: dict[str, Any]) -> tuple[str, str] | None:
+    """``(digest, key_text)`` of a render, or ``None`` when the context holds a value this module
+    cannot canonicalize (that render is not cached)."""
+    items = []
+    try:
+        for k in sorted(ctx):
+            if k in NAME_KEYS:
+                continue
+            v = ctx[k]
+            if k in NAMES_LIST_KEYS:
+                items.append((k, len(v)))
+            elif k == "params":
+                items.append((k, _params_shape(v)))
+            else:
+                items.append((k, _canon(v)))
+    except (TypeError, IndexError):
+        return None
+    text = f"{_prefix()}|{template}|{items!r}"
+    return hashlib.blake2b(text.encode(), digest_size=20).hexdigest(), text
+
+
+def _prefix() -> str:
+    return f"fusec {__version__}|templates {template_hash()}"
+
+
+def _sentinels(ctx: dict[str, Any]) -> tuple[dict[str, Any], list[tuple[str, str]]]:
+    """The context with names replaced by sentinels, parameter values perturbed and binding
+    tensors dropped; and the ``(sentinel, real)`` pairs to substitute back."""
+    out = dict(ctx)
+    subs: list[tuple[str, str]] = []
+    for k in NAME_KEYS:
+        if k in ctx:
+            s = _SENT.format(k)
+            out[k] = s
+            subs.append((s, str(ctx[k])))
+    for k in NAMES_LIST_KEYS:
+        if k in ctx:
+            vals = []
+            for i, real in enumerate(ctx[k]):
+                s = _SENT.format(f"{k}{i}")
+                vals.append(s)
+                subs.append((s, str(real)))
+            out[k] = vals
+    if "params" in ctx:
+        out["params"] = [(*p[:2], _perturb(p[2]), *p[3:]) if len(p) > 2 else p for p in ctx["params"]]
+    if "bindings" in ctx:
+        out["bindings"] = [Binding(b.name, None, b.dtype, b.write) if isinstance(b, Binding) else b  # type: ignore[arg-type]
+                           for b in ctx["bindings"]]
+    return out, subs
+
+
+def _perturb(v: Any) -> Any:
+    if isinstance(v, bool):
+        return not v
+    if isinstance(v, int):
+        return v + 7919
+    if isinstance(v, float):
+        return v * 3.0 + 0.5
+    return v
+
+
+def _substitute(text: str, subs: list[tuple[str, str]]) -> str:
+    for s, real in subs:
+        text = text.replace(s, real)
+    return text
+
+
+def _real_subs(ctx: dict[str, Any]) -> list[tuple[str, str]]:
+    subs = [(_SENT.format(k), str(ctx[k])) for k in NAME_KEYS if k in ctx]
+    for k in NAMES_LIST_KEYS:
+        if k in ctx:
+            subs += [(_SENT.format(f"{k}{i}"), str(real)) for i, real in enumerate(ctx[k])]
+    return subs
+
+
+# -- disk ------------------------------------------------------------------------------------------
+
+
+def _path(digest: str) -> Path:
+    return cache_dir() / "kernels" / digest[:2] / f"{digest}.json"
+
+
+def disk_read(digest: str, key_text: str) -> str | None:
+    """The cached template text (with sentinels) for ``digest``, or ``None`` (absent, unreadable,
+    or written for another key)."""
+    try:
+        data = json.loads(_path(digest).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(data, dict) or data.get("key") != key_text or not isinstance(data.get("source"), str):
+        return None
+    return data["source"]
+
+
+def disk_write(digest: str, key_text: str, source: str) -> bool:
+    """Store an entry atomically (temporary file in the same folder, then ``os.replace``).
+
+    Returns False (and leaves no file behind) when the folder cannot be written; a read-only or
+    full cache never fails a compile."""
+    path = _path(digest)
+    tmp = None
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{digest}.", suffix=".tmp", dir=path.parent)
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump({"key": key_text, "source": source}, f)
+        os.replace(tmp, path)
+        return True
+    except OSError:
+        if tmp is not None:
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+        return False
+
+
+# -- rendering ---------------------------------------------------------------------------------------
+
+
+def cached_render(template: str, **ctx: Any) -> str:
+    """Drop-in replacement of :func:`fusec.codegen.env.render` with the caches of this module.
+
+    Returns exactly the text ``env.render(template, **ctx)`` returns; raises what it raises
+    (:class:`fusec.errors.CodegenError`).
+    """
+    if not enabled():
+        return env.render(template, **ctx)
+    rk = render_key(template, ctx)
+    if rk is None:
+        with _lock:
+            STATS.uncacheable += 1
+        return env.render(template, **ctx)
+    digest, key_text = rk
+    text = _memory.get(digest)
+    if text is not None:
+        with _lock:
+            STATS.memory_hits += 1
+        return _substitute(text, _real_subs(ctx))
+    if digest in _uncacheable:
+        with _lock:
+            STATS.uncacheable += 1
+        return env.render(template, **ctx)
+    if disk_enabled():
+        text = disk_read(digest, key_text)
+        if text is not None:
+            with _lock:
+                STATS.disk_hits += 1
+                _memory[digest] = text
+            return _substitute(text, _real_subs(ctx))
+    t0 = time.perf_counter()
+    real = env.render(template, **ctx)
+    sctx, subs = _sentinels(ctx)
+    try:
+        generic = env.render(template, **sctx)
+    except Exception:  # noqa: BLE001 - the template needs a left-out value: never cache it
+        generic = None
+    ok = generic is not None and _substitute(generic, subs) == real
+    with _lock:
+        STATS.render_s += time.perf_counter() - t0
+        STATS.misses += 1
+        if ok:
+            _memory[digest] = generic  # type: ignore[assignment]
+        else:
+            _uncacheable.add(digest)
+    if ok and disk_enabled() and disk_write(digest, key_text, generic):  # type: ignore[arg-type]
+        with _lock:
+            STATS.disk_writes += 1
+    return real
+
+
+def install() -> None:
+    """Make every loaded kernel-family module render through :func:`cached_render` (its module
+    global ``render``, when that is :func:`fusec.codegen.env.render`). Idempotent."""
+    for name, mod in list(sys.modules.items()):
+        if name.startswith("fusec.codegen.families.") and getattr(mod, "render", None) is env.render:
+            mod.render = cached_render  # type: ignore[attr-defined]
+
+
+__all__ = ["STATS", "RenderStats", "cache_dir", "cached_render", "disk_read", "disk_write", "install",
+           "render_key", "reset", "template_hash"]

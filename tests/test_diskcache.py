@@ -1,0 +1,170 @@
+"""Kernel render cache (fusec.codegen.diskcache): identical sources, a second process hits the disk,
+atomic writes, refusal to cache templates that use left-out values."""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import os
+
+import pytest
+
+import fusec.codegen as cg
+from fusec.codegen import diskcache
+from fusec.dsl import default_patterns
+from fusec.ir import GraphBuilder
+from fusec.models import build_llama_decode, config_from_dict
+from fusec.rewrite import rewrite
+
+TINY = {
+    "model_type": "llama", "architectures": ["LlamaForCausalLM"], "hidden_size": 32, "intermediate_size": 48,
+    "num_attention_heads": 4, "num_key_value_heads": 2, "num_hidden_layers": 2, "rms_norm_eps": 1e-5,
+    "rope_theta": 10000.0, "vocab_size": 61, "tie_word_embeddings": False, "max_position_embeddings": 512,
+}
+
+
+@pytest.fixture
+def cache_dir(tmp_path, monkeypatch):
+    monkeypatch.setenv("FUSEC_CACHE_DIR", str(tmp_path))
+    monkeypatch.delenv("FUSEC_DISABLE_DISK_CACHE", raising=False)
+    monkeypatch.delenv("FUSEC_DISABLE_RENDER_CACHE", raising=False)
+    diskcache.reset()
+    yield tmp_path
+    diskcache.reset()
+
+
+def _graph(n_tokens=1, n_kv=32):
+    cfg = config_from_dict(TINY, name="tiny-disk")
+    return rewrite(build_llama_decode(cfg, n_tokens, n_kv, 64), default_patterns())[0]
+
+
+def _sources(g, backend):
+    return [(k.entry, k.source, k.params, k.grid) for k in cg.emit_graph(g, backend)]
+
+
+@pytest.mark.parametrize("backend", ["wgsl", "cuda", "msl"])
+def test_cached_render_is_identical_to_plain_render(cache_dir, backend, monkeypatch):
+    for shape in [(1, 32), (3, 64)]:
+        g = _graph(*shape)
+        cached = _sources(g, backend)
+        again = _sources(g, backend)  # memory hits
+        monkeypatch.setenv("FUSEC_DISABLE_RENDER_CACHE", "1")
+        plain = _sources(g, backend)
+        monkeypatch.delenv("FUSEC_DISABLE_RENDER_CACHE")
+        assert cached == plain == again
+    assert diskcache.STATS.memory_hits > 0 and diskcache.STATS.uncacheable == 0
+
+
+def test_second_process_hits_the_disk(cache_dir):
+    g = _graph()
+    first = _sources(g, "wgsl")
+    written = diskcache.STATS.disk_writes
+    assert written > 0 and diskcache.STATS.disk_hits == 0
+    files = list((cache_dir / "kernels").rglob("*.json"))
+    assert len(files) == written
+    diskcache.reset()  # a fresh process: no in-memory state
+    second = _sources(g, "wgsl")
+    assert second == first
+    assert diskcache.STATS.misses == 0 and diskcache.STATS.disk_hits == written
+
+
+def _child(cache: str, q) -> None:
+    os.environ["FUSEC_CACHE_DIR"] = cache
+    diskcache.reset()
+    src = _sources(_graph(), "wgsl")
+    q.put((diskcache.STATS.misses, diskcache.STATS.disk_hits, len(src)))
+
+
+def test_real_second_process_and_concurrent_writers(cache_dir):
+    ctx = multiprocessing.get_context("spawn")
+    q = ctx.Queue()
+    procs = [ctx.Process(target=_child, args=(str(cache_dir), q)) for _ in range(3)]
+    for p in procs:
+        p.start()
+    res = [q.get(timeout=120) for _ in procs]
+    for p in procs:
+        p.join(timeout=60)
+        assert p.exitcode == 0
+    assert len({r[2] for r in res}) == 1
+    for f in (cache_dir / "kernels").rglob("*"):  # every file complete, no temporary left
+        if f.is_file():
+            assert f.suffix == ".json" and not f.name.startswith(".")
+            json.loads(f.read_text())
+    p = ctx.Process(target=_child, args=(str(cache_dir), q))
+    p.start()
+    misses, hits, _ = q.get(timeout=120)
+    p.join(timeout=60)
+    assert misses == 0 and hits > 0
+
+
+def test_corrupt_or_foreign_entries_are_ignored_and_rewritten(cache_dir):
+    g = _graph()
+    first = _sources(g, "wgsl")
+    files = sorted((cache_dir / "kernels").rglob("*.json"))
+    files[0].write_text("{not json")
+    data = json.loads(files[1].read_text())
+    files[1].write_text(json.dumps({"key": data["key"] + "x", "source": "garbage"}))
+    diskcache.reset()
+    assert _sources(g, "wgsl") == first
+    assert diskcache.STATS.misses == 2
+    json.loads(files[0].read_text())
+
+
+def test_disk_can_be_turned_off(cache_dir, monkeypatch):
+    monkeypatch.setenv("FUSEC_DISABLE_DISK_CACHE", "1")
+    _sources(_graph(), "wgsl")
+    assert not (cache_dir / "kernels").exists() and diskcache.STATS.memory_hits > 0
+
+
+def test_unwritable_cache_dir_does_not_fail_codegen(cache_dir, monkeypatch):
+    blocker = cache_dir / "file"
+    blocker.write_text("x")
+    monkeypatch.setenv("FUSEC_CACHE_DIR", str(blocker))  # a file: mkdir below it fails
+    assert _sources(_graph(), "wgsl")
+    assert diskcache.STATS.disk_writes == 0
+
+
+def test_template_using_a_left_out_value_is_never_cached(cache_dir, monkeypatch):
+    """If a template put a node name or a parameter value into the code, the verification render
+    differs and the text is rendered every time (never served to another node)."""
+    calls = []
+
+    def fake(template, **ctx):
+        calls.append(template)
+        return f"// nodes: {ctx['node_name']}\nconst P = {ctx['params'][0][2]};\n"
+
+    monkeypatch.setattr(diskcache.env, "render", fake)
+    a = diskcache.cached_render("wgsl/x.j2", node_name="a", params=[("n", "u32", 1)])
+    b = diskcache.cached_render("wgsl/x.j2", node_name="b", params=[("n", "u32", 2)])
+    assert a.endswith("P = 1;\n") and b.endswith("P = 2;\n")
+    assert diskcache.STATS.memory_hits == 0 and diskcache.STATS.uncacheable == 1
+
+
+def test_names_only_in_header_are_substituted_back(cache_dir, monkeypatch):
+    def fake(template, **ctx):
+        return f"// nodes: {', '.join(ctx['nodes'])}\nfn main() {{ }} // {ctx['params'][0][1]}\n"
+
+    monkeypatch.setattr(diskcache.env, "render", fake)
+    a = diskcache.cached_render("wgsl/y.j2", nodes=["a", "a2"], params=[("n", "u32", 1)])
+    b = diskcache.cached_render("wgsl/y.j2", nodes=["b", "b2"], params=[("n", "u32", 7)])
+    assert b == "// nodes: b, b2\nfn main() { } // u32\n" and a.startswith("// nodes: a, a2")
+    assert diskcache.STATS.memory_hits == 1
+
+
+def test_shareable_strips_only_header_lines():
+    src = "// x\n// nodes: a, b\nfn f() { let s = \"// nodes: no\"; }\n// nodes: c"
+    assert cg._strip_nodes_lines(src) == "// x\nfn f() { let s = \"// nodes: no\"; }\n"
+
+
+def test_key_includes_version_template_hash_and_backend(cache_dir):
+    b = GraphBuilder()
+    x = b.input("x", "f32", (8, 2))
+    g = b.build([b.scale(x, 2.0, name="y")])
+    k = cg.emit(g.by_name("y"), "wgsl")
+    assert k.source
+    d1, text = diskcache.render_key("wgsl/unary.wgsl.j2", {"a": 1, "node_name": "n1"})
+    d2, _ = diskcache.render_key("cuda/unary.cu.j2", {"a": 1, "node_name": "n1"})
+    d3, _ = diskcache.render_key("wgsl/unary.wgsl.j2", {"a": 1, "node_name": "other"})
+    d4, _ = diskcache.render_key("wgsl/unary.wgsl.j2", {"a": 1.0, "node_name": "n1"})
+    assert d1 != d2 and d1 == d3 and d1 != d4
+    assert diskcache.template_hash() in text and "fusec " in text
