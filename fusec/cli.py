@@ -202,6 +202,20 @@ def nmse(out, ref) -> float:
     return float(np.sum((out - ref) ** 2)) / den
 
 
+def _print_cache_stats(console, sess) -> None:
+    """``fusec run --stats``: graph-cache hits/misses/time saved and mean host ms per token by phase."""
+    st = sess.graph_cache.stats
+    n = max(st.steps, 1)
+    state = "on" if sess.graph_cache.enabled else "off (FUSEC_DISABLE_GRAPH_CACHE=1 or disabled)"
+    console.print(f"graph cache {state}: {st.hits} hits ({st.reused_without_build} without building), "
+                  f"{st.misses} misses, {len(sess.graph_cache)} entries, ~{st.saved_s * 1e3:.1f} ms saved "
+                  "(cold cost of each hit's entry minus the hit's own cost)")
+    names = [("build_s", "build"), ("rewrite_s", "match+rewrite"), ("codegen_s", "codegen"),
+             ("compile_s", "compile"), ("lookup_s", "cache lookup+validate"), ("run_s", "encode+launch+wait")]
+    parts = "  ".join(f"{label} {st.totals[k] / n * 1e3:.2f}" for k, label in names)
+    console.print(f"host ms per token (mean of {st.steps} steps): {parts}")
+
+
 def cmd_run(args) -> int:
     import numpy as np
 
@@ -300,6 +314,8 @@ def cmd_run(args) -> int:
     console.print(f"{n_gen} tokens in {elapsed:.2f} s: {n_gen / max(elapsed, 1e-9):.1f} tokens/s "
                   f"(prompt of {len(prompt)} tokens: {t_prompt:.2f} s; decode: "
                   f"{max(n_gen - 1, 0) / max(elapsed - t_prompt, 1e-9):.1f} tokens/s)")
+    if args.stats:
+        _print_cache_stats(console, sess)
     if ref is not None:
         console.print(f"verify: ok ({n_gen} steps, worst nmse {worst:.2e} <= {args.tol:g}, "
                       "same greedy tokens as the unfused numpy interpreter)")
@@ -372,6 +388,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--weight-dtype", default="f32", choices=["f32", "f16"])
     p.add_argument("--prompt-ids", help="comma-separated prompt token ids (default: 1)")
     p.add_argument("--prompt", help="prompt text, tokenized with the checkpoint's vocabulary; streams the text")
+    p.add_argument("--stats", action="store_true",
+                   help="print graph-cache statistics and the per-token host time split at the end")
     p.set_defaults(fn=cmd_run)
 
     p = sub.add_parser("test", help="property-based equivalence tests for pattern files")
