@@ -222,7 +222,8 @@ def config_from_dict(data: dict[str, Any], name: str = "model") -> LlamaConfig:
             head_dim=head_dim,
             num_hidden_layers=int(data["num_hidden_layers"]),
             rms_norm_eps=float(data.get("rms_norm_eps", 1e-6)),
-            rope_theta=float(data.get("rope_theta", rope_params.get("rope_theta", 10000.0))),
+            rope_theta=float(data["rope_theta"] if data.get("rope_theta") is not None
+                             else rope_params.get("rope_theta", 10000.0)),
             rope_scaling=rope_scaling,
             vocab_size=int(data["vocab_size"]),
             tie_word_embeddings=bool(data.get("tie_word_embeddings", False)),
