@@ -10,7 +10,14 @@ repetitions, median) when Triton is present, else CUDA events around single laun
 
 Bytes counted (minimum traffic): read x, read w (and b), write y. GB/s = bytes / median time.
 
-Usage: python bench/bench_norm.py [--quick] [--out results.json]
+Also timed per case: an empty kernel with the fused kernel's signature, grid and block, launched the
+same way (CuPy, params by value): the launch floor for the small-size goal (fused time over
+empty-launch time + bytes at the copy ceiling), and with ``--variants`` the fused kernel's
+alternatives (``norm_epilogue.build``): ``ptr`` params through a pointer to device memory (the old
+convention), ``nopf`` operands loaded after the reduction, ``vpt2``/``vpt8`` 2/8 vectors per
+thread instead of 4 (each checked against the interpreter like the shipped kernel).
+
+Usage: python bench/bench_norm.py [--quick] [--variants] [--out results.json]
 """
 
 from __future__ import annotations
@@ -28,6 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from fusec.backends import cuda_runtime as cr  # noqa: E402
 from fusec.codegen import emit, needs_kernel  # noqa: E402
+from fusec.codegen.families import norm_epilogue as ne  # noqa: E402
 from fusec.dsl import default_patterns  # noqa: E402
 from fusec.interp import interpret  # noqa: E402
 from fusec.ir import GraphBuilder  # noqa: E402
@@ -56,7 +64,7 @@ def nmse(a, b):
 class Runner:
     """Device buffers for every root tensor of a graph and the launches of its kernels."""
 
-    def __init__(self, graph, values, cp):
+    def __init__(self, graph, values, cp, make=None):
         self.cp = cp
         self.bufs = {}
         for t in graph.nodes:
@@ -67,11 +75,11 @@ class Runner:
                 self.bufs[id(r)] = cp.asarray(np.ascontiguousarray(values[r.name]).reshape(-1))
             else:
                 self.bufs[id(r)] = cp.full(r.span_bytes // r.dtype.size, np.nan, dtype=r.dtype.np)
-        self.kernels = [emit(t, "cuda") for t in graph.nodes if needs_kernel(t)]
+        self.kernels = [(make or emit)(t, "cuda") for t in graph.nodes if needs_kernel(t)]
         self.launches = []
         for k in self.kernels:
             fn = cr.module(k)
-            params = cr.params_array(k)
+            params = cr.params_array(k) if k.meta.get("params_by_pointer") else cr.params_value(k)
             args = [self.bufs[id(bd.tensor.root)] for bd in k.bindings]
             self.launches.append((k, fn, args, params))
 
@@ -81,6 +89,25 @@ class Runner:
 
     def out(self, t):
         return self.cp.asnumpy(self.bufs[id(t.root)])
+
+
+def empty_launch(k):
+    """(fn, args-builder) of an empty kernel with ``k``'s signature (bindings, Params by value)."""
+    import cupy as cp  # noqa: PLC0415
+
+    ty = {"u32": "unsigned int", "i32": "int", "f32": "float"}
+    fields = "".join(f"    {ty[t]} {n};\n" for n, t, _ in k.params)
+    ptrs = "".join(f"const void* __restrict__ b{i}, " for i in range(len(k.bindings)))
+    src = f"struct Params {{\n{fields}}};\nextern \"C\" __global__ void fusec_empty({ptrs}const Params p) {{}}\n"
+    return cp.RawModule(code=src, options=("-std=c++17",)).get_function("fusec_empty")
+
+
+VARIANTS = {
+    "ptr": lambda t, b: ne.build(t, b, params_by_pointer=True),
+    "nopf": lambda t, b: ne.build(t, b, prefetch=False),
+    "vpt2": lambda t, b: ne.build(t, b, ne.tune(t, ne.plan(t), b, vpt=2)),
+    "vpt8": lambda t, b: ne.build(t, b, ne.tune(t, ne.plan(t), b, vpt=8)),
+}
 
 
 def copy_ceiling(cp, timeit) -> float:
@@ -96,6 +123,7 @@ def main() -> int:
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--out", default="bench_norm.json")
     ap.add_argument("--no-torch", action="store_true")
+    ap.add_argument("--variants", action="store_true", help="also time the fused kernel's alternatives")
     args = ap.parse_args()
     import cupy as cp
 
@@ -167,6 +195,22 @@ def main() -> int:
                                gbs_fused=nbytes / t_f / 1e9, gbs_unfused=nbytes / t_u / 1e9)
                     row["pct_ceiling_fused"] = 100 * row["gbs_fused"] / ceiling
                     row["speedup_vs_unfused"] = t_u / t_f
+                    k0, _, a0, p0 = rf.launches[0]
+                    fe = empty_launch(k0)
+                    t_e = timeit(lambda fe=fe, k0=k0, a=(*a0, p0): fe(k0.grid, k0.workgroup_size, a))
+                    floor = t_e + nbytes / (ceiling * 1e9)
+                    row.update(t_empty_us=t_e * 1e6, t_floor_us=floor * 1e6, small_ratio=t_f / floor)
+                    if args.variants:
+                        for vn, mk in VARIANTS.items():
+                            rv = Runner(fused, vals, cp, make=mk)
+                            rv()
+                            cp.cuda.Device().synchronize()
+                            ev = nmse(rv.out(yf).reshape(rows, n), ref)
+                            ok = ok and ev <= tol
+                            row[f"nmse_{vn}"] = ev
+                            row[f"kernel_{vn}"] = rv.kernels[0].entry
+                            row[f"t_{vn}_us"] = timeit(rv) * 1e6
+                        row["correct"] = ok
                     if torch is not None:
                         tx = torch.tensor(vals["x"], device="cuda")
                         tw = torch.tensor(vals["w"], device="cuda")
@@ -194,7 +238,9 @@ def main() -> int:
                           f"{row['gbs_fused']:6.0f} GB/s ({row['pct_ceiling_fused']:4.0f}% of copy) "
                           f"unfused {t_u*1e6:8.1f} us x{row['speedup_vs_unfused']:.2f}"
                           + (f" vs compile x{row.get('speedup_vs_torch_compile', 0):.2f}" if torch else "")
-                          + ("" if ok else f"  WRONG nmse {err_f:.1e}/{err_u:.1e}"))
+                          + f" empty {t_e*1e6:.1f} us small x{row['small_ratio']:.2f}"
+                          + "".join(f" {vn} {row[f't_{vn}_us']:.1f}" for vn in VARIANTS if args.variants)
+                          + ("" if ok else f"  WRONG nmse {err_f:.1e}/{err_u:.1e}"), flush=True)
     meta = {"date": dt.date.today().isoformat(), "gpu": cp.cuda.runtime.getDeviceProperties(0)["name"].decode(),
             "cuda_runtime": cp.cuda.runtime.runtimeGetVersion(), "driver": cp.cuda.runtime.driverGetVersion(),
             "cupy": cp.__version__, "torch": getattr(torch, "__version__", None), "python": platform.python_version(),
@@ -202,6 +248,15 @@ def main() -> int:
             "CUDA events median"}
     Path(args.out).write_text(json.dumps({"meta": meta, "results": results}, indent=1))
     print(json.dumps(meta))
+    print("pattern          dt    rows     n   fused_us  GB/s  %copy  xcompile  xunfused  empty_us  small_x"
+          + "".join(f" {vn:>7s}" for vn in VARIANTS if args.variants))
+    for r in results:
+        print(f"{r['pattern']:16s} {r['dtype']} {r['rows']:6d} {r['n']:5d} {r['t_fused_us']:9.1f} {r['gbs_fused']:5.0f}"
+              f" {r['pct_ceiling_fused']:6.1f} {r.get('speedup_vs_torch_compile', 0):9.2f}"
+              f" {r['speedup_vs_unfused']:9.2f}"
+              f" {r['t_empty_us']:9.2f} {r['small_ratio']:8.2f}"
+              + "".join(f" {r[f't_{vn}_us']:7.1f}" for vn in VARIANTS if args.variants)
+              + ("" if r["correct"] else " WRONG"))
     return 0 if all(r["correct"] for r in results) else 1
 
 

@@ -3,9 +3,10 @@
 Same structure as :mod:`fusec.backends.wgpu_backend`: persistent leaves (weights, KV caches) are
 CuPy device arrays owned by :class:`CudaBackend`; :meth:`CudaBackend.compile` plans the graph's
 memory (checked with :meth:`~fusec.runtime.plan.BufferPlan.check`), allocates the scratch and input
-buffers, generates and compiles one kernel per computing node and packs the parameter structs of
-*all* kernels into one device buffer (each launch gets a pointer into it). Every step runs on
-CuPy's current stream, so kernels and cuBLAS calls execute in graph order.
+buffers, generates and compiles one kernel per computing node and packs each kernel's parameter
+struct once (a numpy structured scalar, passed by value at every launch: no device-memory load of
+the parameters inside the kernels). Every step runs on CuPy's current stream, so kernels and
+cuBLAS calls execute in graph order.
 
 CuPy is imported lazily: without it (or without a GPU) :meth:`CudaBackend.available` is False and
 constructing the backend raises :class:`~fusec.errors.BackendError`.
@@ -27,8 +28,6 @@ from .base import Backend, Executable
 from .wgpu_backend import check_inputs, emit_kernel
 
 _DTYPES = (np.dtype(np.float32), np.dtype(np.float16), np.dtype(np.int32))
-PARAM_ALIGN = 16
-"""Byte alignment of each kernel's parameter struct inside the shared parameter buffer."""
 
 
 def _cupy():
@@ -152,7 +151,7 @@ class CudaExecutable(Executable):
         self.plan.check()
         self.steps: list[tuple[str, object]] = []
         self._roots: list[list[Tensor]] = []
-        blobs: list[bytes] = []
+        self._param_values = []
         for t in graph.nodes:
             if not needs_kernel(t):
                 continue
@@ -166,16 +165,7 @@ class CudaExecutable(Executable):
             rt.module(k)  # compile now: errors surface at compile time
             self.steps.append(("kernel", k))
             self._roots.append(roots)
-            raw = rt.pack_params(k)
-            blobs.append(raw + b"\0" * (-len(raw) % PARAM_ALIGN))
-        # every kernel's parameters in one device buffer; each launch gets a slice (a pointer into it)
-        blob = b"".join(blobs) or b"\0" * PARAM_ALIGN
-        self._params = cp.asarray(np.frombuffer(blob, dtype=np.uint8))
-        self._param_views = []
-        off = 0
-        for b in blobs:
-            self._param_views.append(self._params[off:off + len(b)])
-            off += len(b)
+            self._param_values.append(rt.params_value(k))  # passed by value at each launch
         self._inputs = [t for t in graph.leaves if "weight" not in t.flags]
         self._weights = [t for t in graph.leaves if "weight" in t.flags]
         self._buffers = {s.index: cp.zeros(s.size, dtype=cp.uint8) for s in self.plan.slots if s.kind != "weight"}
@@ -205,7 +195,7 @@ class CudaExecutable(Executable):
                 a, b = node.src
                 mul_mat(cp, a, b, node, self._memory(a.root), self._memory(b.root), self._memory(node.root))
             else:
-                rt.launch(obj, [self._memory(r) for r in roots], self._param_views[ki])
+                rt.launch(obj, [self._memory(r) for r in roots], self._param_values[ki])
                 ki += 1
         out = {}
         for o in self.graph.outputs:

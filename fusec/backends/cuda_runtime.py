@@ -1,9 +1,12 @@
 """CuPy plumbing for CUDA kernels: module cache, parameter packing, launches, single-kernel runs.
 
 Mirrors :mod:`fusec.backends.wgpu_runtime`. Generated CUDA kernels have the signature
-``extern "C" __global__ void <entry>(T* binding0, ..., const Params* __restrict__ p)``: storage
-buffers in ``Kernel.bindings`` order, then a pointer to the parameter struct in *device* memory
-(4-byte fields in ``Kernel.params`` order, as :func:`fusec.backends.wgpu_runtime.pack_params`).
+``extern "C" __global__ void <entry>(T* binding0, ..., const Params p)``: storage buffers in
+``Kernel.bindings`` order, then the parameter struct *by value* (4-byte fields in ``Kernel.params``
+order, as :func:`fusec.backends.wgpu_runtime.pack_params`), so it lives in the kernel's parameter
+space (constant bank) and costs no dependent device-memory load before the kernel's first access.
+On the host the struct is a numpy structured scalar (:func:`params_value`), which CuPy copies into
+the launch's argument buffer.
 CuPy is optional (``pip install 'fusec[cuda]'``); every entry point except :func:`available`
 raises :class:`~fusec.errors.BackendError` without it.
 """
@@ -62,22 +65,39 @@ def pack_params(k: Kernel) -> bytes:
     return b"".join(struct.pack(_FMT[t], v) for _, t, v in k.params) or b"\0" * 4
 
 
+_NP = {"u32": "<u4", "i32": "<i4", "f32": "<f4"}
+
+
+def params_value(k: Kernel):
+    """The parameter struct as a numpy structured scalar (``numpy.void``; fields named and typed as
+    ``k.params``, 4 bytes each, no padding): the by-value kernel argument :func:`launch` passes.
+    A kernel without params gets one unused 4-byte field (its struct is never empty in the source)."""
+    fields = [(n, _NP[t]) for n, t, _ in k.params] or [("_unused", "<u4")]
+    dt = np.dtype(fields)
+    return np.frombuffer(pack_params(k), dtype=dt)[0]
+
+
 def params_array(k: Kernel):
-    """The parameter struct copied to device memory (a ``cupy.ndarray`` of bytes) for :func:`launch`."""
+    """The parameter struct copied to device memory (a ``cupy.ndarray`` of bytes): only for kernels
+    rendered with the old pointer convention (``norm_epilogue.build(..., params_by_pointer=True)``,
+    kept to measure the difference); :func:`launch` passes :func:`params_value` instead."""
     cp = _cupy()
     return cp.asarray(np.frombuffer(pack_params(k), dtype=np.uint8))
 
 
-def launch(k: Kernel, buffers: Sequence, params_dev, stream=None) -> None:
+def launch(k: Kernel, buffers: Sequence, params=None, stream=None) -> None:
     """Launch ``k`` with ``k.grid`` blocks of ``k.workgroup_size`` threads.
 
     ``buffers`` are device arrays in ``k.bindings`` order (each the root memory of its tensor);
-    ``params_dev`` is :func:`params_array`'s result. Raises :class:`BackendError` on a count mismatch.
+    ``params`` is :func:`params_value`'s result (computed when omitted; precompute it for repeated
+    launches). Raises :class:`BackendError` on a count mismatch.
     """
     if len(buffers) != len(k.bindings):
         raise BackendError(f"kernel {k.entry}: {len(k.bindings)} bindings, got {len(buffers)} buffers")
     fn = module(k)
-    args = tuple(buffers) + (params_dev,)
+    if params is None:
+        params = params_array(k) if k.meta.get("params_by_pointer") else params_value(k)
+    args = tuple(buffers) + (params,)
     if stream is not None:
         with stream:
             fn(k.grid, k.workgroup_size, args)
@@ -100,9 +120,9 @@ def run_kernel(k: Kernel, arrays: Mapping[str, np.ndarray]) -> dict[str, np.ndar
             raise BackendError(f"kernel {k.entry}: no array for binding {b.name!r}")
         a = np.ascontiguousarray(arrays[b.name], dtype=b.dtype.np).reshape(-1)
         bufs.append(cp.asarray(a))
-    launch(k, bufs, params_array(k))
+    launch(k, bufs)
     cp.cuda.get_current_stream().synchronize()
     return {b.name: cp.asnumpy(buf) for b, buf in zip(k.bindings, bufs, strict=True) if b.write}
 
 
-__all__ = ["available", "launch", "module", "pack_params", "params_array", "run_kernel"]
+__all__ = ["available", "launch", "module", "pack_params", "params_array", "params_value", "run_kernel"]

@@ -27,9 +27,13 @@ NORM_OPS = ("RMS_NORM", "NORM")
 EPILOGUE_OPS = {"MUL": "*", "ADD": "+", "SUB": "-", "DIV": "/"}
 COMMUTATIVE = frozenset({"MUL", "ADD"})
 MAX_TPR = {"wgsl": 256, "cuda": 1024, "msl": 1024}  # threads per row (workgroup size limit)
-MIN_WG = {"wgsl": 64, "cuda": 128, "msl": 128}  # short rows: pack rows until a workgroup has this many threads
+MIN_WG = {"wgsl": 64, "cuda": 128, "msl": 128}
+# preferred largest workgroup for a row that fits in registers: beyond it each thread takes more slots
+# (CUDA: 512-thread blocks of ~48 registers leave 2 blocks = 1024 threads per SM; 256-thread blocks
+# with 8 slots kept rows of 8192 f32 at 95 % of the copy ceiling against 90 %, H200 2026-11-21)
+PREF_TPR = {"wgsl": 256, "cuda": 256, "msl": 1024}  # short rows: pack rows until a workgroup has this many threads
 SIMD = 32  # warp / simdgroup width assumed by the CUDA and MSL templates
-MAX_CACHED_FLOATS = 32  # per-thread register budget for keeping the row resident (read x once)
+MAX_CACHED_FLOATS = 32  # WGSL/MSL: per-thread budget (f32 registers) for keeping the row of x resident
 MAX_GRID = 65535
 
 
@@ -134,27 +138,52 @@ def plan(node: Tensor) -> NormPlan:
     return NormPlan(norm.op, int(xs.params["fused_input"]), float(norm.params.get("eps", 0.0)), tuple(steps))
 
 
-def _vec4_ok(t: Tensor) -> bool:
-    """Rows of ``t`` can be read as aligned 4-vectors (elements adjacent, row starts % 4 == 0)."""
+def _vec_ok(t: Tensor, v: int) -> bool:
+    """Rows of ``t`` can be read as aligned ``v``-vectors (elements adjacent, row starts % v == 0)."""
     nb = elem_strides(t)
-    return (t.ne[0] % 4 == 0 and nb[0] == 1 and elem_offset(t) % 4 == 0
-            and all(nb[i] % 4 == 0 for i in (1, 2, 3) if t.ne[i] > 1))
+    return (t.ne[0] % v == 0 and nb[0] == 1 and elem_offset(t) % v == 0
+            and all(nb[i] % v == 0 for i in (1, 2, 3) if t.ne[i] > 1))
 
 
 def _pow2ceil(v: int) -> int:
     return 1 << max(0, (v - 1).bit_length())
 
 
-def tune(node: Tensor, p: NormPlan, backend: str) -> Tuning:
-    """Vector width 4 when every bound tensor allows it (:func:`_vec4_ok`), else 1; about four
-    vectors per thread with 32..``MAX_TPR`` threads per row; several rows per workgroup when one
-    row needs a single warp; the row kept in registers when it fits ``MAX_CACHED_FLOATS``."""
+VEC_BYTES = 16  # widest load one thread issues (LDG.128; float4 / 8 halves)
+VECS_PER_THREAD = 4  # vectors each thread keeps in flight (64 bytes of x per thread with 16-byte vectors)
+MAX_CACHED_BYTES = 128  # CUDA: per-thread budget (bytes of x in storage type) for the row kept resident
+
+
+def tune(node: Tensor, p: NormPlan, backend: str, vpt: int = VECS_PER_THREAD) -> Tuning:
+    """Launch shape from the row length, dtypes and alignment.
+
+    Vector width: 16-byte vectors when every bound tensor allows them (:func:`_vec_ok`): 8 halves
+    when all are f16 (CUDA; MSL/WGSL stop at 4), else 4 elements; else 1. Threads per row: a power
+    of two, 32..``PREF_TPR``, so that each thread holds about ``vpt`` vectors (enough bytes in flight
+    per thread to cover DRAM latency without a long serial loop) or more for long rows, up to the
+    register budget; past that up to ``MAX_TPR`` threads. Rows per workgroup: several when
+    one row needs a single warp (short rows). Register slots: the row of x stays in registers when
+    it fits the per-thread budget (``MAX_CACHED_BYTES`` on CUDA, ``MAX_CACHED_FLOATS`` elsewhere):
+    x is read once and the operands' loads are issued together with x's, before the reduction.
+    Longer rows are streamed (one pass over memory per reduction plus one for the output)."""
     tensors = [node.src[i] for i in p.inputs] + [node]
-    vec = 4 if all(_vec4_ok(t) for t in tensors) else 1
-    nvec = node.ne[0] // vec
-    tpr = min(max(_pow2ceil(-(-nvec // 4)), SIMD), MAX_TPR[backend])
+    vec = 1
+    if backend == "cuda" and all(t.dtype.size == 2 for t in tensors) and all(_vec_ok(t, 8) for t in tensors):
+        vec = 8
+    elif all(_vec_ok(t, 4) for t in tensors):
+        vec = 4
+    nvec = -(-node.src[p.x].ne[0] // vec)
+    esize = node.src[p.x].dtype.size
+
+    def fits(k: int) -> bool:
+        return k * vec * esize <= MAX_CACHED_BYTES if backend == "cuda" else k * vec <= MAX_CACHED_FLOATS
+
+    tpr = min(max(_pow2ceil(-(-nvec // vpt)), SIMD), PREF_TPR[backend])
     slots = _pow2ceil(-(-nvec // tpr))
-    if slots * vec > MAX_CACHED_FLOATS:
+    while not fits(slots) and tpr < MAX_TPR[backend]:  # long row: more threads before streaming it
+        tpr *= 2
+        slots = _pow2ceil(-(-nvec // tpr))
+    if not fits(slots):
         slots = 0
     rows = max(1, MIN_WG[backend] // tpr) if tpr == SIMD else 1
     return Tuning(vec, tpr, rows, slots)
@@ -187,8 +216,18 @@ def emit_norm_epilogue(node: Tensor, backend: str) -> Kernel:
     (f32) and ``grid_x`` (u32, workgroups along x; rows are folded into a 2-D grid).
     Raises :class:`CodegenError` for a node :func:`plan` rejects.
     """
+    return build(node, backend)
+
+
+def build(node: Tensor, backend: str, tuning: Tuning | None = None, *, prefetch: bool = True,
+          params_by_pointer: bool = False) -> Kernel:
+    """:func:`emit_norm_epilogue` with its choices open (for benchmarks comparing variants):
+    ``tuning`` replaces :func:`tune`'s; ``prefetch=False`` loads the operands after the reduction
+    instead of together with x; ``params_by_pointer=True`` (CUDA) reads the parameter struct
+    through a pointer to device memory (the calling convention before params went by value; launch
+    it with :func:`fusec.backends.cuda_runtime.params_array`)."""
     p = plan(node)
-    tu = tune(node, p, backend)
+    tu = tuning or tune(node, p, backend)
     x = node.src[p.x]
     bindings = [Binding(f"src{i}", node.src[i], node.src[i].dtype) for i in p.inputs]
     bindings.append(Binding("dst", node, node.dtype, write=True))
@@ -209,10 +248,10 @@ def emit_norm_epilogue(node: Tensor, backend: str) -> Kernel:
         norm=p.norm, x=f"src{p.x}", steps=[{"sym": s.symbol, "src": f"src{s.operand}"} for s in p.steps],
         operands=[f"src{i}" for i in sorted({s.operand for s in p.steps})],
         bindings=bindings, types={b.name: types[b.dtype] for b in bindings}, params=params,
-        V=tu.vec, TPR=tu.tpr, R=tu.rows, K=tu.slots, SIMD=SIMD,
+        V=tu.vec, TPR=tu.tpr, R=tu.rows, K=tu.slots, SIMD=SIMD, PREFETCH=prefetch, PBP=params_by_pointer,
     )
     return Kernel(backend, "norm_epilogue", entry, source, bindings, params, (tu.workgroup, 1, 1), grid, node,
-                  meta={"plan": p, "tuning": tu})
+                  meta={"plan": p, "tuning": tu, "params_by_pointer": params_by_pointer})
 
 
-__all__ = ["EpilogueStep", "NormPlan", "Tuning", "emit_norm_epilogue", "plan", "tune"]
+__all__ = ["EpilogueStep", "NormPlan", "Tuning", "build", "emit_norm_epilogue", "plan", "tune"]
