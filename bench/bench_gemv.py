@@ -1,0 +1,267 @@
+"""Side-by-side benchmark of fusec's fused GEMV kernels (``gemv_epilogue``) on the GPU machine.
+
+Cases: Llama-3.2-1B decode shapes with f16 weights (gate/up 2048 -> 8192 with SWIGLU, down
+8192 -> 2048 with the residual ADD, attention projections 2048 -> 2048 and 2048 -> 512 with an ADD),
+plus the gate/up case with f32 weights. For each case the unfused graph is built with fusec's
+builder and rewritten with the shipped patterns; the fused node's CUDA kernel (and its tuning
+variants, ``gemv_epilogue.build``) is checked first against a float64 reference computed on the GPU
+(relative error ``||out - ref|| / ||ref||``, output poisoned with NaN before each checked run, fresh
+random inputs per variant; bound 1e-5), then timed next to:
+
+* the copy ceiling: a device-to-device copy of 1 GiB (bytes read + bytes written over time);
+* back-to-back (``b2b``): the default kernel launched over R weight copies (>= 256 MB in all) in one
+  captured CUDA graph, time per launch (no launch gaps, no L2 reuse: a decode step's steady state),
+  the cuBLAS + epilogue sequence likewise; and an empty kernel of the same grid (single-launch floor);
+* cuBLAS through CuPy: ``cupy.matmul`` of the weight (its storage dtype) with x in the same dtype,
+  one per MUL_MAT, plus fusec's own unfused epilogue kernel (SWIGLU / GEGLU ``glu`` or ``binary``
+  ADD) on the products (f16 products for f16 weights: the weights are read once, at 2 bytes each).
+
+Timing: ``triton.testing.do_bench`` (L2 flushed between repetitions, median). GB/s is on the weight
+bytes only (the bytes a GEMV cannot avoid); ``% copy`` = GB/s over the copy ceiling.
+
+Usage: python bench/bench_gemv.py [--out results.json] [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import platform
+import sys
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from fusec.backends import cuda_runtime as cr  # noqa: E402
+from fusec.codegen import emit  # noqa: E402
+from fusec.codegen.families import gemv_epilogue as ge  # noqa: E402
+from fusec.dsl import default_patterns  # noqa: E402
+from fusec.ir import GraphBuilder  # noqa: E402
+from fusec.rewrite import rewrite  # noqa: E402
+
+CASES = [  # (name, kind, K, M, weight dtype)
+    ("ffn gate/up SWIGLU", "swiglu", 2048, 8192, "f16"),
+    ("ffn down + residual ADD", "add", 8192, 2048, "f16"),
+    ("attn q/o proj + ADD", "add", 2048, 2048, "f16"),
+    ("attn k/v proj + ADD", "add", 2048, 512, "f16"),
+    ("ffn gate/up GEGLU", "geglu", 2048, 8192, "f16"),
+    ("ffn gate/up SWIGLU f32", "swiglu", 2048, 8192, "f32"),
+]
+REL_BOUND = 1e-5
+
+
+def build_graph(kind: str, K: int, M: int, wdt: str):
+    b = GraphBuilder()
+    x = b.input("x", "f32", (K, 1))
+    if kind == "add":
+        w = b.weight("w", wdt, (K, M))
+        r = b.input("r", "f32", (M, 1))
+        y = b.add(b.mul_mat(w, x, name="m"), r, name="y")
+    else:
+        wg, wu = b.weight("wg", wdt, (K, M)), b.weight("wu", wdt, (K, M))
+        g, u = b.mul_mat(wg, x, name="g"), b.mul_mat(wu, x, name="u")
+        y = (b.swiglu if kind == "swiglu" else b.geglu)(g, u, name="y")
+    return b.build([y])
+
+
+def epilogue_kernel(kind: str, M: int, dt_: str):
+    """fusec's unfused epilogue kernel on the cuBLAS products (dtype ``dt_``)."""
+    b = GraphBuilder()
+    g = b.input("g", dt_, (M, 1))
+    u = b.input("u", dt_, (M, 1))
+    y = {"add": b.add, "swiglu": b.swiglu, "geglu": b.geglu}[kind](g, u, name="y")
+    return emit(b.build([y]).outputs[0], "cuda")
+
+
+def reference(cp, kind, vals, K, M):
+    """float64 result from the flat leaf arrays ``vals`` (w/wg/wu ``[M][K]``, x ``[K]``, r ``[M]``)."""
+    f = {k: v.astype(cp.float64) for k, v in vals.items()}
+    x = f["x"].reshape(K)
+    if kind == "add":
+        return f["w"].reshape(M, K) @ x + f["r"].reshape(M)
+    g = f["wg"].reshape(M, K) @ x
+    u = f["wu"].reshape(M, K) @ x
+    if kind == "swiglu":
+        return g / (1.0 + cp.exp(-g)) * u
+    return 0.5 * g * (1.0 + cp.tanh(np.sqrt(2.0 / np.pi) * g * (1.0 + 0.044715 * g * g))) * u
+
+
+def variants(node, p):
+    base = ge.tune(node, p, "cuda")
+    out = {"default": base}
+    for tpr in (32, 64, 128, 256):
+        for unroll in (2, 4, 8):
+            tu = ge.Tuning(base.vec, tpr, 4 if tpr == 32 else 1, unroll)
+            out.setdefault(f"t{tpr}_u{unroll}", tu)
+    if base.vec == 8:
+        out["vec4"] = ge.Tuning(4, base.tpr, base.rows, base.unroll)
+    return out
+
+
+def graph_time(cp, timeit, body) -> float:
+    """Median time of one replay of the CUDA graph captured from ``body(stream)``."""
+    st = cp.cuda.Stream(non_blocking=True)
+    st.begin_capture()
+    body(st)
+    graph = st.end_capture()
+    graph.launch()
+    cp.cuda.runtime.deviceSynchronize()
+    return timeit(lambda: graph.launch())
+
+
+def empty_launch(cp, timeit, k) -> float:
+    """An empty kernel with ``k``'s grid and block, launched the same way: the single-launch floor."""
+    fn = cp.RawKernel('extern "C" __global__ void gemv_empty(float* p) {}', "gemv_empty")
+    buf = cp.empty(1, cp.float32)
+    return timeit(lambda: fn(k.grid, k.workgroup_size, (buf,)))
+
+
+def copy_ceiling(cp, timeit) -> float:
+    """GB/s of a 1 GiB device-to-device copy (bytes read + bytes written)."""
+    n = 1 << 29
+    src, dst = cp.ones(n, cp.uint16), cp.empty(n, cp.uint16)
+    t = timeit(lambda: cp.copyto(dst, src))
+    return 2 * 2 * n / t / 1e9
+
+
+def run_case(cp, timeit, rng, ceiling, name, kind, K, M, wdt, quick):
+    """Check every variant of one case, then time it, its repeat and the cuBLAS baseline."""
+    g = build_graph(kind, K, M, wdt)
+    fused, _ = rewrite(g, default_patterns())
+    node = fused.outputs[0]
+    assert node.op == "FUSED" and node.params["kernel"] == "gemv_epilogue", node.op
+    p = ge.plan(node)
+    wbytes = sum(node.src[i].nbytes for i in p.weights)
+
+    def fresh():
+        # weights ~ N(0, 1/K) as in a trained layer (products of order 1); never zeros
+        return {t.name: (rng.standard_normal(int(np.prod(t.ne)), dtype=cp.float32) *
+                         (1.0 / np.sqrt(K) if t.name.startswith("w") else 1.0)).astype(t.dtype.np)
+                for t in g.leaves}
+
+    vs = variants(node, p) if not quick else {"default": ge.tune(node, p, "cuda")}
+    timings = {}
+    for vname, tu in vs.items():
+        k = ge.build(node, "cuda", tu)
+        vals = fresh()
+        bufs = [vals[b.tensor.root.name] if not b.write else cp.full(M, cp.nan, cp.float32) for b in k.bindings]
+        prm = cr.params_value(k)
+        cr.launch(k, bufs, prm)
+        cp.cuda.runtime.deviceSynchronize()
+        ref = reference(cp, kind, vals, K, M)
+        out = bufs[-1].astype(cp.float64)
+        rel = float(cp.linalg.norm(out - ref) / cp.linalg.norm(ref))
+        ok = bool(cp.all(cp.isfinite(out))) and rel <= REL_BOUND
+        t = timeit(lambda k=k, bufs=bufs, prm=prm: cr.launch(k, bufs, prm)) if ok else float("nan")
+        timings[vname] = {"entry": k.entry, "tuning": vars(tu), "rel_err": rel, "ok": ok, "s": t,
+                          "gbs": wbytes / t / 1e9 if ok else None}
+        print(f"  {name:26s} {vname:9s} {k.entry:48s} rel {rel:.1e} "
+              f"{'OK ' if ok else 'BAD'} {t * 1e6:8.2f} us", flush=True)
+    # same version timed twice: the spread
+    k = ge.build(node, "cuda", vs["default"])
+    vals = fresh()
+    bufs = [vals[b.tensor.root.name] if not b.write else cp.full(M, cp.nan, cp.float32) for b in k.bindings]
+    prm = cr.params_value(k)
+    t_again = timeit(lambda: cr.launch(k, bufs, prm))
+    # back-to-back: R launches over R weight copies (>= 256 MB in all, so no copy stays in L2),
+    # captured in a CUDA graph (no CPU launch gaps): the steady state of a decode step
+    R = max(2, min(32, -(-(256 << 20) // wbytes)))
+    sets = [fresh() for _ in range(R)]
+    seq_bufs = [[v[b.tensor.root.name] if not b.write else cp.full(M, cp.nan, cp.float32) for b in k.bindings]
+                for v in sets]
+    t_seq = graph_time(cp, timeit, lambda st: [cr.launch(k, bb, prm, stream=st) for bb in seq_bufs]) / R
+    # cuBLAS (cupy.matmul) per MUL_MAT + fusec's epilogue kernel
+    cdt = cp.float16 if wdt == "f16" else cp.float32
+    x_c = vals["x"].reshape(K, 1).astype(cdt)
+    if kind == "add":
+        ws = [vals["w"].reshape(M, K)]
+    else:
+        ws = [vals["wg"].reshape(M, K), vals["wu"].reshape(M, K)]
+    prods = [cp.matmul(w, x_c) for w in ws]
+    ek = epilogue_kernel(kind, M, "f16" if wdt == "f16" else "f32")
+    second = prods[1] if kind != "add" else vals["r"].reshape(M, 1).astype(cdt)
+    ebufs = [prods[0].reshape(-1), second.reshape(-1), cp.full(M, cp.nan, cdt)]
+    eprm = cr.params_value(ek)
+
+    def unfused():
+        for i, w in enumerate(ws):
+            cp.matmul(w, x_c, out=prods[i])
+        cr.launch(ek, ebufs, eprm)
+
+    unfused()
+    cp.cuda.runtime.deviceSynchronize()
+    ref = reference(cp, kind, vals, K, M)
+    rel_u = float(cp.linalg.norm(ebufs[-1].astype(cp.float64) - ref) / cp.linalg.norm(ref))
+    t_unf = timeit(unfused)
+    t_blas = timeit(lambda: [cp.matmul(w, x_c, out=prods[i]) for i, w in enumerate(ws)])
+    names = ["w"] if kind == "add" else ["wg", "wu"]
+    seq_ws = [[v[nm].reshape(M, K) for nm in names] for v in sets]
+
+    def unfused_seq(st):
+        with st:
+            for wl in seq_ws:
+                for i, w in enumerate(wl):
+                    cp.matmul(w, x_c, out=prods[i])
+                cr.launch(ek, ebufs, eprm, stream=st)
+
+    try:
+        t_unf_seq = graph_time(cp, timeit, unfused_seq) / R
+    except Exception as e:  # cuBLAS under stream capture may be refused
+        print(f"  cuBLAS graph capture failed: {e}")
+        t_unf_seq = None
+    best = min((v for v in timings.values() if v["ok"]), key=lambda v: v["s"])
+    d = timings["default"]
+    res = {"case": name, "kind": kind, "K": K, "M": M, "weight_dtype": wdt, "weight_bytes": wbytes,
+           "variants": timings, "default_s": d["s"], "default_again_s": t_again,
+           "default_gbs": d["gbs"], "default_pct_copy": 100 * d["gbs"] / ceiling,
+           "best_variant": best["entry"], "best_gbs": best["gbs"], "best_pct_copy": 100 * best["gbs"] / ceiling,
+           "cublas_plus_epilogue_s": t_unf, "cublas_plus_epilogue_gbs": wbytes / t_unf / 1e9,
+           "cublas_plus_epilogue_rel_err": rel_u, "cublas_only_s": t_blas,
+           "cublas_only_gbs": wbytes / t_blas / 1e9, "speedup_vs_cublas_plus_epilogue": t_unf / d["s"],
+           "b2b_copies": R, "b2b_s": t_seq, "b2b_gbs": wbytes / t_seq / 1e9,
+           "b2b_pct_copy": 100 * wbytes / t_seq / 1e9 / ceiling,
+           "b2b_cublas_plus_epilogue_s": t_unf_seq,
+           "b2b_cublas_plus_epilogue_gbs": wbytes / t_unf_seq / 1e9 if t_unf_seq else None,
+           "empty_launch_s": empty_launch(cp, timeit, k)}
+    return res
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", default="bench_gemv.json")
+    ap.add_argument("--quick", action="store_true", help="default tuning only")
+    args = ap.parse_args()
+    import cupy as cp
+    from triton.testing import do_bench
+
+    def timeit(fn) -> float:
+        return float(do_bench(fn, warmup=25, rep=200, return_mode="median")) * 1e-3
+
+    ceiling = copy_ceiling(cp, timeit)
+    rng = cp.random.default_rng(1234)
+    results = [run_case(cp, timeit, rng, ceiling, *case, args.quick) for case in CASES]
+    gpu = cp.cuda.runtime.getDeviceProperties(0)["name"].decode()
+    meta = {"date": dt.date.today().isoformat(), "host": platform.node(), "gpu": gpu,
+            "copy_ceiling_gbs": ceiling, "timing": "triton.testing.do_bench median, L2 flushed",
+            "gbs_on": "weight bytes", "rel_bound": REL_BOUND}
+    Path(args.out).write_text(json.dumps({"meta": meta, "results": results}, indent=1))
+    print(f"\ncopy ceiling {ceiling:.0f} GB/s (1 GiB device copy)")
+    hdr = f"{'case':26s} {'KxM':>10s} {'fused us':>9s} {'again':>7s} {'GB/s':>6s} {'%copy':>6s} {'best%':>6s} " \
+          f"{'cuBLAS+ep us':>12s} {'cuBLAS us':>9s} {'speedup':>7s} {'empty':>6s} | b2b {'us':>6s} {'%copy':>6s} " \
+          f"{'cuBLAS+ep':>9s}"
+    print(hdr)
+    for r in results:
+        print(f"{r['case']:26s} {r['K']:>5d}x{r['M']:<5d}{r['default_s'] * 1e6:9.2f} {r['default_again_s'] * 1e6:7.2f} "
+              f"{r['default_gbs']:6.0f} {r['default_pct_copy']:5.1f}% {r['best_pct_copy']:5.1f}% "
+              f"{r['cublas_plus_epilogue_s'] * 1e6:12.2f} {r['cublas_only_s'] * 1e6:9.2f} "
+              f"{r['speedup_vs_cublas_plus_epilogue']:6.2f}x {r['empty_launch_s'] * 1e6:6.2f} | "
+              f"{r['b2b_s'] * 1e6:9.2f} {r['b2b_pct_copy']:5.1f}% "
+              f"{(r['b2b_cublas_plus_epilogue_s'] or float('nan')) * 1e6:9.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

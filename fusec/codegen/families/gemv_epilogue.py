@@ -1,0 +1,294 @@
+"""Matrix-vector products with fused epilogues (decode): ``MUL_MAT`` -> bias/residual ``ADD`` (and any
+chain of broadcast binary ops), and the FFN gate/up pair ``MUL_MAT(wg, x), MUL_MAT(wu, x) ->
+SWIGLU/GEGLU``.
+
+Only FUSED nodes with ``params["kernel"] == "gemv_epilogue"`` are rendered here (patterns in
+``patterns/gemv.fuse``). :func:`plan` walks the decomposition into a :class:`GemvPlan`: one or two
+MUL_MATs sharing their vector operand ``x`` (ggml_mul_mat with ``x`` a single row, ``ne = [K, 1, 1,
+1]``), then optionally SWIGLU/GEGLU of the two products (ggml_swiglu_split / ggml_geglu_split,
+``swapped = false``), then a chain of MUL/ADD/SUB/DIV with operands that broadcast along the output
+row (ggml_can_repeat). :func:`tune` picks the vector width and how many threads share one output
+row; the template reads every weight row once with the widest aligned loads (16 bytes: 8 halves or 4
+floats), accumulates in f32, reduces per row and applies the epilogue in registers, so the only
+DRAM traffic is the weights, ``x`` (from cache after the first warp) and the output row.
+
+Shapes, strides and offsets are runtime parameters; the source depends on the dtypes, the plan and
+the tuning only.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ...errors import CodegenError
+from ...ir.dtypes import DType
+from ...ir.shape import can_repeat
+from ...ir.tensor import Tensor
+from .. import family
+from ..env import TYPE_NAMES, render
+from ..kernel import Binding, Kernel
+from ..layout import elem_offset, elem_strides, layout_params
+
+TEMPLATES = {"wgsl": "wgsl/gemv_epilogue.wgsl.j2", "cuda": "cuda/gemv_epilogue.cu.j2",
+             "msl": "msl/gemv_epilogue.metal.j2"}
+GLU_ACT = {"SWIGLU": "silu", "GEGLU": "gelu"}
+EPILOGUE_OPS = {"MUL": "*", "ADD": "+", "SUB": "-", "DIV": "/"}
+COMMUTATIVE = frozenset({"MUL", "ADD"})
+SIMD = 32  # warp / simdgroup width the CUDA and MSL templates assume
+MAX_GRID = 65535
+MAX_TPR = {"wgsl": 256, "cuda": 256, "msl": 256}
+WG_THREADS = {"wgsl": 64, "cuda": 128, "msl": 128}  # threads per workgroup when rows share one
+TARGET_THREADS = {"wgsl": 16384, "cuda": 132 * 1024, "msl": 16384}  # threads wanted in flight
+UNROLL = 4  # weight vectors each thread loads before using them (bytes in flight per thread)
+
+
+@dataclass(frozen=True)
+class Step:
+    """``y = y <op> src[operand][i % ne0]`` (the operand broadcast along the output row)."""
+
+    op: str
+    operand: int
+
+    @property
+    def symbol(self) -> str:
+        return EPILOGUE_OPS[self.op]
+
+
+@dataclass(frozen=True)
+class GemvPlan:
+    """``acc_j = dot(src[weights[j]][row, :], src[x])`` for each weight, then ``glu`` (``act(acc_0) *
+    acc_1``; ``None`` with one weight) and ``steps`` in order."""
+
+    weights: tuple[int, ...]
+    x: int
+    glu: str | None  # SWIGLU | GEGLU | None
+    steps: tuple[Step, ...]
+
+    @property
+    def operands(self) -> list[int]:
+        return sorted({s.operand for s in self.steps})
+
+    @property
+    def inputs(self) -> list[int]:
+        """Source indices the kernel binds, ascending (binding ``src<i>``)."""
+        return sorted({*self.weights, self.x, *self.operands})
+
+    @property
+    def name(self) -> str:
+        parts = ["mul_mat"] * len(self.weights)
+        if self.glu:
+            parts = ["gate_up", self.glu.lower()]
+        return "_".join(parts + [s.op.lower() for s in self.steps])
+
+    def describe(self) -> str:
+        mm = [f"MUL_MAT(src{w}, src{self.x})" for w in self.weights]
+        head = f"{self.glu}({', '.join(mm)})" if self.glu else mm[0]
+        return " -> ".join([head] + [f"{s.op}(src{s.operand})" for s in self.steps])
+
+
+@dataclass(frozen=True)
+class Tuning:
+    """Vector width (elements per weight load), threads per output row (power of two), output rows
+    per workgroup, weight vectors loaded per thread before use."""
+
+    vec: int
+    tpr: int
+    rows: int
+    unroll: int = UNROLL
+
+    @property
+    def workgroup(self) -> int:
+        return self.tpr * self.rows
+
+
+def _fail(node: Tensor, msg: str) -> CodegenError:
+    return CodegenError(f"node {node.name!r}: gemv_epilogue cannot render it: {msg}")
+
+
+def _placeholder(t: Tensor | None) -> int | None:
+    if t is not None and t.is_leaf and "fused_input" in t.params:
+        return int(t.params["fused_input"])
+    return None
+
+
+def plan(node: Tensor) -> GemvPlan:
+    """The :class:`GemvPlan` of a FUSED ``gemv_epilogue`` node.
+
+    The decomposition must be: one MUL_MAT, or two MUL_MATs followed by SWIGLU/GEGLU of both
+    (split form, not swapped; gate = the GLU's ``src[0]``); each MUL_MAT reads two fused inputs, the
+    same ``x`` (f32, one contiguous row ``ne = [K, 1, 1, 1]``) and a weight (f32/f16, 2-D ``ne = [K,
+    M]``, contiguous rows); then MUL/ADD/SUB/DIV ops combining the running value with a fused input
+    that broadcasts to the ``[M, 1, 1, 1]`` output row. Raises :class:`CodegenError` naming the node
+    otherwise.
+    """
+    if node.op != "FUSED" or node.decomposition is None:
+        raise _fail(node, f"op {node.op} is not a FUSED node with a decomposition")
+    ops = node.decomposition.ops
+    mms = []
+    while len(mms) < len(ops) and ops[len(mms)].op == "MUL_MAT":
+        mms.append(ops[len(mms)])
+    if len(mms) not in (1, 2):
+        raise _fail(node, f"the decomposition must start with one or two MUL_MATs, found {len(mms)}")
+    rest = ops[len(mms):]
+    x_idx = None
+    weights = []
+    for mm in mms:
+        w, x = _placeholder(mm.src[0]), _placeholder(mm.src[1])
+        if w is None or x is None:
+            raise _fail(node, f"MUL_MAT ({mm.name!r}) must multiply two fused inputs")
+        if x_idx is not None and x != x_idx:
+            raise _fail(node, f"the MUL_MATs must share their vector operand (src[1]); {mm.name!r} does not")
+        x_idx = x
+        weights.append(w)
+        xt, wt = mm.src[1], mm.src[0]
+        if xt.dtype != DType.F32 or wt.dtype not in (DType.F32, DType.F16):
+            raise _fail(node, f"MUL_MAT ({mm.name!r}) needs f32/f16 weights and an f32 vector, got "
+                              f"{wt.dtype} x {xt.dtype}")
+        if tuple(xt.ne[1:]) != (1, 1, 1) or tuple(wt.ne[2:]) != (1, 1):
+            raise _fail(node, f"MUL_MAT ({mm.name!r}) is not a matrix-vector product: weight ne={list(wt.ne)}, "
+                              f"vector ne={list(xt.ne)} (needs [K, M, 1, 1] x [K, 1, 1, 1])")
+        if elem_strides(wt)[0] != 1 or elem_strides(xt)[0] != 1:
+            raise _fail(node, f"MUL_MAT ({mm.name!r}) operands need contiguous rows (nb0 = element size)")
+    if len(mms) == 2 and tuple(mms[0].ne) != tuple(mms[1].ne):
+        raise _fail(node, "the two MUL_MATs have different output shapes")
+    running = mms[0]
+    glu = None
+    if len(mms) == 2:
+        if not rest or rest[0].op not in GLU_ACT:
+            raise _fail(node, "two MUL_MATs must be followed by SWIGLU or GEGLU of both")
+        g = rest[0]
+        if g.params.get("swapped") or len(g.src) != 2 or g.src[1] is None:
+            raise _fail(node, f"{g.op} ({g.name!r}) must be the split, non-swapped form")
+        if g.src[0] is mms[0] and g.src[1] is mms[1]:
+            pass
+        elif g.src[0] is mms[1] and g.src[1] is mms[0]:
+            weights.reverse()
+        else:
+            raise _fail(node, f"{g.op} ({g.name!r}) must combine the two MUL_MATs (gate, up)")
+        glu = g.op
+        running = g
+        rest = rest[1:]
+    steps = []
+    for t in rest:
+        if t.op not in EPILOGUE_OPS:
+            raise _fail(node, f"{t.op} ({t.name!r}) is not one of {'/'.join(EPILOGUE_OPS)}")
+        a, b = t.src
+        if a is running and b is not running:
+            other = b
+        elif b is running and a is not running and t.op in COMMUTATIVE:
+            other = a
+        else:
+            raise _fail(node, f"{t.op} ({t.name!r}) must combine the previous value with one fused input "
+                              "(as src[0] for SUB/DIV)")
+        idx = _placeholder(other)
+        if idx is None:
+            raise _fail(node, f"{t.op} ({t.name!r}) operand {other!r} is not a fused input")
+        if tuple(t.ne) != tuple(running.ne) or not can_repeat(other.ne, running.ne):
+            raise _fail(node, f"{t.op} ({t.name!r}) operand ne={list(other.ne)} does not broadcast to the output "
+                              f"ne={list(running.ne)}")
+        if other.dtype not in (DType.F32, DType.F16):
+            raise _fail(node, f"{t.op} ({t.name!r}) operand dtype {other.dtype} is not f32/f16")
+        steps.append(Step(t.op, idx))
+        running = t
+    if node.decomposition.outputs[0] is not running:
+        raise _fail(node, "the decomposition's output is not the end of the MUL_MAT epilogue")
+    return GemvPlan(tuple(weights), int(x_idx), glu, tuple(steps))  # type: ignore[arg-type]
+
+
+def _vec_ok(t: Tensor, v: int) -> bool:
+    """Rows of ``t`` read as aligned ``v``-vectors: ``ne0``, row strides and offset multiples of ``v``."""
+    nb = elem_strides(t)
+    return (t.ne[0] % v == 0 and nb[0] == 1 and elem_offset(t) % v == 0
+            and all(nb[i] % v == 0 for i in (1, 2, 3) if t.ne[i] > 1))
+
+
+def _pow2floor(v: int) -> int:
+    return 1 << max(0, v.bit_length() - 1)
+
+
+def tune(node: Tensor, p: GemvPlan, backend: str) -> Tuning:
+    """Vector width: 8 halves (16 bytes) on CUDA when every weight is f16 and 8-aligned (and ``x``
+    4-aligned), else 4 (16-byte f32 / 8-byte f16 loads) when weights and ``x`` are 4-aligned, else 1.
+    Threads per row: 32 (one warp or simdgroup per row, several rows per workgroup) unless there are
+    too few rows to keep ``TARGET_THREADS`` threads busy; then up to ``MAX_TPR`` threads split K, as
+    long as each keeps at least ``unroll`` vectors."""
+    ws = [node.src[i] for i in p.weights]
+    x = node.src[p.x]
+    vec = 1
+    if (backend == "cuda" and all(w.dtype == DType.F16 for w in ws) and all(_vec_ok(w, 8) for w in ws)
+            and _vec_ok(x, 4)):
+        vec = 8
+    elif all(_vec_ok(w, 4) for w in ws) and _vec_ok(x, 4):
+        vec = 4
+    K, M = ws[0].ne[0], ws[0].ne[1]
+    nvec = -(-K // vec)
+    tpr = SIMD
+    while (tpr < MAX_TPR[backend] and M * tpr < TARGET_THREADS[backend]
+           and nvec >= 2 * tpr * UNROLL):
+        tpr *= 2
+    if backend == "wgsl":
+        tpr = max(tpr, 64) if nvec >= 64 else tpr
+    rows = max(1, WG_THREADS[backend] // tpr) if tpr <= SIMD else 1
+    return Tuning(vec, tpr, rows)
+
+
+def _grid(nwg: int) -> tuple[int, int, int]:
+    gx = min(nwg, MAX_GRID)
+    return (gx, -(-nwg // gx), 1)
+
+
+def _entry(p: GemvPlan, node: Tensor, tu: Tuning) -> str:
+    wdt = "_".join(sorted({str(node.src[i].dtype) for i in p.weights}))
+    odt = "_".join(sorted({str(node.src[i].dtype) for i in p.operands}))
+    name = f"gemv_{p.name}_{wdt}{('_' + odt) if odt else ''}_v{tu.vec}_t{tu.tpr}"
+    return name + (f"_r{tu.rows}" if tu.rows > 1 else "") + f"_u{tu.unroll}"
+
+
+@family("gemv_epilogue")
+def emit_gemv_epilogue(node: Tensor, backend: str) -> Kernel:
+    """Kernel for a FUSED ``gemv_epilogue`` node (:func:`plan`), for ``backend`` ``wgsl`` | ``cuda`` | ``msl``.
+
+    Tensors (ggml ``ne`` order): weights ``src[w]`` f32/f16 ``ne = [K, M, 1, 1]`` with contiguous rows
+    (any row stride ``nb1``); ``x = src[plan.x]`` f32 ``ne = [K, 1, 1, 1]``; epilogue operands f32/f16
+    with ``ne = [d, 1, 1, 1]``, ``M % d == 0`` (element ``i`` reads ``i % d``); result ``dst`` f32
+    ``ne = [M, 1, 1, 1]``: ``dst[i] = epilogue(sum_k w[i][k] * x[k])`` (ggml_mul_mat, then
+    ggml_swiglu_split / ggml_geglu_split and ggml_add/mul/sub/div), f32 accumulation, f16 weights
+    widened exactly. Bindings ``src<i>`` (used sources, ascending) then ``dst``; params
+    ``src<i>_ne0..3/_nb0..3/_offs``, ``dst_ne0..3/_nb0..3/_offs`` (elements) and ``grid_x``.
+    Raises :class:`CodegenError` for a node :func:`plan` rejects.
+    """
+    return build(node, backend)
+
+
+def build(node: Tensor, backend: str, tuning: Tuning | None = None) -> Kernel:
+    """:func:`emit_gemv_epilogue` with the tuning open (benchmarks compare variants)."""
+    p = plan(node)
+    tu = tuning or tune(node, p, backend)
+    if tu.tpr > SIMD and tu.rows != 1:
+        raise CodegenError(f"node {node.name!r}: gemv_epilogue tuning {tu}: several rows per workgroup need "
+                           f"tpr <= {SIMD}")
+    M = node.src[p.weights[0]].ne[1]
+    types = TYPE_NAMES[backend]
+    bindings = [Binding(f"src{i}", node.src[i], node.src[i].dtype) for i in p.inputs]
+    bindings.append(Binding("dst", node, node.dtype, write=True))
+    grid = _grid(-(-M // tu.rows))
+    params = []
+    for i in p.inputs:
+        params += layout_params(f"src{i}", node.src[i])
+    params += layout_params("dst", node)
+    params.append(("grid_x", "u32", grid[0]))
+    entry = _entry(p, node, tu)
+    names = [node.name] + [f"{t.name} ({t.op})" for t in node.decomposition.ops]  # type: ignore[union-attr]
+    weights = [f"src{i}" for i in p.weights]
+    source = render(
+        TEMPLATES[backend], entry=entry, family="gemv_epilogue", what=p.describe(), nodes=names,
+        weights=weights, x=f"src{p.x}", act=GLU_ACT.get(p.glu or ""),
+        steps=[{"sym": s.symbol, "src": f"src{s.operand}"} for s in p.steps],
+        bindings=bindings, types={b.name: types[b.dtype] for b in bindings}, params=params,
+        V=tu.vec, TPR=tu.tpr, R=tu.rows, UNROLL=tu.unroll, SIMD=SIMD,
+    )
+    return Kernel(backend, "gemv_epilogue", entry, source, bindings, params, (tu.workgroup, 1, 1), grid, node,
+                  meta={"plan": p, "tuning": tu})
+
+
+__all__ = ["GemvPlan", "Step", "Tuning", "build", "emit_gemv_epilogue", "plan", "tune"]

@@ -1,0 +1,279 @@
+"""gemv_epilogue kernels (MUL_MAT -> ADD, gate/up MUL_MAT pair -> SWIGLU/GEGLU) against the interpreter.
+
+The fused node comes from the shipped patterns (``patterns/gemv.fuse``) through ``rewrite``; the
+reference is ``fusec.interp.interpret`` of the *unfused* graph (float32, ggml semantics).
+Tolerance: normalized MSE ``sum((out-ref)^2)/sum(ref^2)`` <= 1e-7 for f32 weights and also for f16
+weights: the kernel widens each f16 weight exactly to f32 as the interpreter does, accumulates in
+f32 and writes an f32 result, so only the summation order differs (measured <= 1e-12 on lavapipe).
+An ``ADD(b, m)`` with an f16 ``b`` first has an f16 result (ggml takes src[0]'s type): bound 1e-5
+there (one f16 rounding of the output, as for the norm kernels' f16 storage).
+Outputs are poisoned with NaN first: an element the kernel does not write fails the comparison.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from fusec.backends import cuda_runtime, wgpu_runtime
+from fusec.codegen import emit
+from fusec.codegen.check import check_cuda, check_msl, check_wgsl
+from fusec.codegen.families import gemv_epilogue as ge
+from fusec.dsl import default_patterns
+from fusec.errors import CodegenError
+from fusec.interp import interpret
+from fusec.ir import GraphBuilder
+from fusec.ir.dtypes import DType
+from fusec.rewrite import rewrite
+from tests.gpu import requires_cuda, requires_wgpu
+
+KINDS = ("add", "swiglu", "geglu")
+BACKENDS = [pytest.param("wgsl", marks=requires_wgpu.mark), pytest.param("cuda", marks=requires_cuda.mark)]
+RUN = {"wgsl": wgpu_runtime.run_kernel, "cuda": cuda_runtime.run_kernel}
+BOUND = 1e-7
+F16_OUT_BOUND = 1e-5  # ADD(b_f16, m) has an f16 result (ggml: src[0]'s type): one f16 rounding
+
+
+def nmse(out: np.ndarray, ref: np.ndarray) -> float:
+    out, ref = out.astype(np.float64), ref.astype(np.float64)
+    if not np.all(np.isfinite(out)):
+        return float("inf")
+    den = np.sum(ref**2)
+    return float(np.sum((out - ref) ** 2) / den) if den > 0 else float(np.sum((out - ref) ** 2))
+
+
+def build(kind: str, K: int, M: int, wdt: str, *, b_ne=None, bdt="f32", x_rows=1, swap=False,
+          extra_user=False, w_pad=0):
+    """The unfused graph: ``y = ADD(MUL_MAT(w, x), b)`` (``swap``: ``ADD(b, m)``) or ``y = GLU(MUL_MAT(wg,
+    x), MUL_MAT(wu, x))``. ``w_pad`` > 0 makes the weights views with row stride ``K + w_pad``;
+    ``extra_user`` adds a second output reading the first MUL_MAT (an escaping intermediate)."""
+    b = GraphBuilder()
+    x = b.input("x", "f32", (K, x_rows))
+
+    def weight(name):
+        if not w_pad:
+            return b.weight(name, wdt, (K, M))
+        es = 2 if wdt == "f16" else 4
+        root = b.weight(name + "_mem", wdt, (K + w_pad, M))
+        return b.view(root, (K, M), nb=[es, (K + w_pad) * es], offset=0, name=name)
+
+    outs = []
+    if kind == "add":
+        m = b.mul_mat(weight("w"), x, name="m")
+        bias = b.weight("b", bdt, b_ne or (M,))
+        y = b.add(bias, m, name="y") if swap else b.add(m, bias, name="y")
+    else:
+        m = b.mul_mat(weight("wg"), x, name="g")
+        u = b.mul_mat(weight("wu"), x, name="u")
+        y = (b.swiglu if kind == "swiglu" else b.geglu)(m, u, name="y")
+    outs.append(y)
+    if extra_user:
+        outs.append(b.scale(m, 2.0, name="other"))
+    return b.build(outs)
+
+
+def values_for(g, seed: int) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return {t.name: (rng.standard_normal(t.ne[::-1]) * (0.5 if t.name.startswith("w") else 1.0)).astype(t.dtype.np)
+            for t in g.leaves}
+
+
+def run_node(node, values, backend):
+    k = emit(node, backend)
+    arrays = {}
+    for bnd in k.bindings:
+        if bnd.write:
+            arrays[bnd.name] = np.full(bnd.tensor.root.nelements, np.nan, bnd.dtype.np)
+        else:
+            arrays[bnd.name] = values[bnd.tensor.root.name].reshape(-1)
+    return k, RUN[backend](k, arrays)["dst"][: node.nelements]
+
+
+def check(kind, K, M, wdt, backend, seed=0, **kw):
+    g = build(kind, K, M, wdt, **kw)
+    fused, _ = rewrite(g, default_patterns())
+    node = fused.by_name("y")
+    assert node.op == "FUSED" and node.params["kernel"] == "gemv_epilogue", node.op
+    values = values_for(g, seed)
+    ref = interpret(g, values)["y"].reshape(-1)
+    k, got = run_node(node, values, backend)
+    err = nmse(got, ref)
+    bound = BOUND if node.dtype == DType.F32 else F16_OUT_BOUND
+    assert err <= bound, f"{k.entry}: nmse {err:.3g} > {bound} for {kind} K={K} M={M} {wdt} {kw}"
+    return k
+
+
+@st.composite
+def cases(draw):
+    kind = draw(st.sampled_from(KINDS))
+    wdt = draw(st.sampled_from(("f32", "f16")))
+    K = draw(st.one_of(st.sampled_from((1, 2, 3, 7, 8, 64, 511, 2048, 4099)), st.integers(1, 5000)))
+    M = draw(st.one_of(st.sampled_from((1, 2, 3, 33, 128, 257)), st.integers(1, 400)))
+    kw = {}
+    if kind == "add":
+        swap = draw(st.booleans())  # ADD(b, m): only src[1] broadcasts, so b then has m's shape
+        d = M if swap else draw(st.sampled_from([M, 1] + [v for v in (2, 3, 4) if M % v == 0]))
+        kw = {"b_ne": (d,), "bdt": draw(st.sampled_from(("f32", "f16"))), "swap": swap}
+    kw["w_pad"] = draw(st.sampled_from((0, 0, 1, 8)))
+    return kind, K, M, wdt, draw(st.integers(0, 2**32 - 1)), kw
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@given(case=cases())
+def test_gemv_epilogue_matches_interpreter(backend, case):
+    kind, K, M, wdt, seed, kw = case
+    check(kind, K, M, wdt, backend, seed, **kw)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("wdt", ("f32", "f16"))
+@pytest.mark.parametrize("K,M", [(1, 1), (7, 5), (2048, 64), (2056, 3)])
+def test_fixed_sizes(backend, kind, wdt, K, M):
+    check(kind, K, M, wdt, backend)
+
+
+# -- fusion decisions -------------------------------------------------------------------------------------
+
+def fused_ops(g):
+    fused, report = rewrite(g, default_patterns())
+    return [t.params.get("fused_op") for t in fused.nodes if t.op == "FUSED"], report
+
+
+@pytest.mark.parametrize("kind,op", [("add", "MUL_MAT_ADD"), ("swiglu", "FFN_UP_GATE_SWIGLU"),
+                                     ("geglu", "FFN_UP_GATE_GEGLU")])
+def test_decode_shapes_fuse(kind, op):
+    assert fused_ops(build(kind, 64, 16, "f16"))[0] == [op]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_more_than_one_token_does_not_fuse(kind):
+    ops, report = fused_ops(build(kind, 64, 16, "f16", x_rows=2, b_ne=(16, 2) if kind == "add" else None))
+    assert ops == []
+    assert any("ne(x, 1) == 1" in f.message for f in report.not_fused)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_intermediate_used_elsewhere_does_not_fuse(kind):
+    ops, report = fused_ops(build(kind, 64, 16, "f32", extra_user=True))
+    assert ops == []
+    assert any(f.kind == "escape" for f in report.not_fused)
+
+
+@pytest.mark.parametrize("kind", ("swiglu", "geglu"))
+def test_gate_and_up_weights_of_different_dtypes_do_not_fuse(kind):
+    b = GraphBuilder()
+    x = b.input("x", "f32", (64, 1))
+    g = b.mul_mat(b.weight("wg", "f16", (64, 16)), x, name="g")
+    u = b.mul_mat(b.weight("wu", "f32", (64, 16)), x, name="u")
+    y = (b.swiglu if kind == "swiglu" else b.geglu)(g, u, name="y")
+    ops, report = fused_ops(b.build([y]))
+    assert ops == []
+    assert any("dtype(wu) == dtype(wg)" in f.message for f in report.not_fused)
+
+
+def test_bias_larger_than_the_product_does_not_fuse():
+    b = GraphBuilder()
+    m = b.mul_mat(b.weight("w", "f32", (64, 16)), b.input("x", "f32", (64, 1)), name="m")
+    y = b.add(m, b.weight("b", "f32", (16,)), name="y")
+    g = b.build([y])
+    assert fused_ops(g)[0] == ["MUL_MAT_ADD"]
+    b2 = GraphBuilder()
+    m2 = b2.mul_mat(b2.weight("w", "f16", (64, 16)), b2.input("x", "f32", (64, 1)), name="m")
+    y2 = b2.add(b2.input("b", "f32", (16, 2)), m2, name="y")  # larger than m: m broadcasts into it
+    ops, report = fused_ops(b2.build([y2]))
+    assert ops == []
+    assert any("can_repeat(b, m)" in f.message for f in report.not_fused)
+
+
+def test_llama_decode_graph_fuses_gate_up_and_residual_adds():
+    from fusec.models.config import load_config
+    from fusec.models.llama import build_llama_decode
+
+    g = build_llama_decode(load_config("llama-3.2-1b"), 1, 8, 16, weight_dtype="f16")
+    _, report = rewrite(g, default_patterns())
+    st_ = report.patterns
+    assert st_["ffn_up_gate_swiglu"].matches == 16
+    assert st_["mul_mat_add"].matches == 32  # attn_out + inp_sa, ffn_out + ffn_inp in each layer
+    roots = sorted(a.root for a in st_["mul_mat_add"].applied)
+    assert roots == sorted([f"ffn_inp-{i}" for i in range(16)] + [f"l_out-{i}" for i in range(16)])
+
+
+# -- planning ----------------------------------------------------------------------------------------------
+
+def test_plan_orders_gate_before_up():
+    node = rewrite(build("swiglu", 64, 8, "f32"), default_patterns())[0].by_name("y")
+    p = ge.plan(node)
+    assert [node.src[i].name for i in p.weights] == ["wg", "wu"] and p.glu == "SWIGLU"
+
+
+def test_plan_refuses_a_node_it_cannot_render():
+    node = rewrite(build("swiglu", 64, 8, "f32"), default_patterns())[0].by_name("y")
+    node.params = {**node.params}
+    sub = node.decomposition
+    glu = sub.ops[-1]
+    glu.src = [glu.src[1], glu.src[1]]  # SWIGLU(u, u): no longer gate/up of two products
+    with pytest.raises(CodegenError, match="node 'y'.*gemv_epilogue cannot render it"):
+        ge.plan(node)
+
+
+def test_plan_refuses_non_fused_nodes():
+    g = build("add", 8, 4, "f32")
+    with pytest.raises(CodegenError, match="node 'm'"):
+        ge.plan(g.by_name("m"))
+
+
+def test_vector_width_follows_alignment():
+    def vec(K, wdt, backend, **kw):
+        node = rewrite(build("swiglu", K, 8, wdt, **kw), default_patterns())[0].by_name("y")
+        return emit(node, backend).meta["tuning"].vec
+
+    assert vec(2048, "f16", "cuda") == 8
+    assert vec(2048, "f16", "wgsl") == 4
+    assert vec(2048, "f32", "cuda") == 4
+    assert vec(2052, "f16", "cuda") == 4
+    assert vec(2048, "f16", "cuda", w_pad=1) == 1
+    assert vec(7, "f32", "cuda") == 1
+
+
+def test_source_does_not_depend_on_the_shape():
+    def src(K, M):
+        node = rewrite(build("add", K, M, "f16"), default_patterns())[0].by_name("y")
+        return emit(node, "cuda").source
+
+    assert src(2048, 8192) == src(4096, 16384)
+
+
+def all_variants(backend):
+    """One kernel per distinct source over kinds, dtypes, vector widths and tunings."""
+    out = {}
+    for kind in KINDS:
+        for wdt in ("f32", "f16"):
+            for K, M in ((7, 5), (2052, 64), (2048, 16), (8192, 16)):
+                for bdt in ("f32", "f16"):
+                    if kind != "add" and bdt == "f16":
+                        continue
+                    node = rewrite(build(kind, K, M, wdt, bdt=bdt), default_patterns())[0].by_name("y")
+                    p = ge.plan(node)
+                    base = ge.tune(node, p, backend)
+                    for tu in (base, ge.Tuning(base.vec, 32, 4, 2), ge.Tuning(base.vec, 128, 1, 8)):
+                        k = ge.build(node, backend, tu)
+                        out[k.source] = k
+    return list(out.values())
+
+
+def test_every_variant_compiles_with_nvcc():
+    pytest.importorskip("shutil").which("nvcc") or pytest.skip("nvcc not installed")
+    check_cuda(all_variants("cuda"))
+
+
+def test_every_variant_passes_the_msl_shim():
+    pytest.importorskip("shutil").which("g++") or pytest.skip("g++ not installed")
+    check_msl(all_variants("msl"))
+
+
+@requires_wgpu
+def test_every_variant_compiles_in_naga():
+    check_wgsl(all_variants("wgsl"))
