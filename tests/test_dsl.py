@@ -319,8 +319,10 @@ def test_load_missing_path_is_a_pattern_error(tmp_path):
 
 def test_shipped_patterns_load():
     pats = {p.name: p for p in default_patterns()}
-    assert set(pats) == {"rms_norm_mul", "rms_norm_mul_add", "norm_mul_add"}
-    assert {p.kernel for p in pats.values()} == {"norm_epilogue"}
+    assert set(pats) == {"rms_norm_mul", "rms_norm_mul_add", "norm_mul_add", "mul_mat_add", "ffn_up_gate_swiglu",
+                         "ffn_up_gate_geglu"}
+    assert {p.kernel for p in pats.values()} == {"norm_epilogue", "gemv_epilogue"}
+    assert pats["ffn_up_gate_swiglu"].ops == ["MUL_MAT", "MUL_MAT", "SWIGLU"]
     assert (pats["rms_norm_mul"].fused_op, pats["rms_norm_mul_add"].fused_op, pats["norm_mul_add"].fused_op) == (
         "RMS_NORM_MUL", "RMS_NORM_MUL_ADD", "NORM_MUL_ADD")
     assert pats["rms_norm_mul_add"].leaves == ["x", "w", "b"] and pats["rms_norm_mul_add"].ops == [
