@@ -78,9 +78,12 @@ def params_value(k: Kernel):
 
 
 def params_array(k: Kernel):
-    """The parameter struct copied to device memory (a ``cupy.ndarray`` of bytes): only for kernels
-    rendered with the old pointer convention (``norm_epilogue.build(..., params_by_pointer=True)``,
-    kept to measure the difference); :func:`launch` passes :func:`params_value` instead."""
+    """The kernel's parameter argument for :func:`launch` / a raw CuPy call: for kernels rendered
+    with the old pointer convention (``norm_epilogue.build(..., params_by_pointer=True)``, kept to
+    measure the difference) the struct copied to device memory (a ``cupy.ndarray`` of bytes); for
+    every other kernel (params by value) :func:`params_value`, so older callers stay correct."""
+    if not k.meta.get("params_by_pointer"):
+        return params_value(k)
     cp = _cupy()
     return cp.asarray(np.frombuffer(pack_params(k), dtype=np.uint8))
 
@@ -96,7 +99,7 @@ def launch(k: Kernel, buffers: Sequence, params=None, stream=None) -> None:
         raise BackendError(f"kernel {k.entry}: {len(k.bindings)} bindings, got {len(buffers)} buffers")
     fn = module(k)
     if params is None:
-        params = params_array(k) if k.meta.get("params_by_pointer") else params_value(k)
+        params = params_array(k)
     args = tuple(buffers) + (params,)
     if stream is not None:
         with stream:
