@@ -238,3 +238,34 @@ def test_dynamic_view_offset_is_patched_on_a_hit(backend):
         gc.patch_dynamic(entry, {"v": 8 * 8 * 4})
     with pytest.raises(CacheError, match="no dynamic view"):
         gc.patch_dynamic(entry, {"nope": 0})
+
+
+# -- matcher scaling (lenient: catches a quadratic matcher, not a 20 % drift) --------------------------
+
+
+def _chain(blocks):
+    b = GraphBuilder()
+    x = b.input("x", "f32", (16, 1))
+    w = b.weight("w", "f32", (16,))
+    for i in range(blocks):
+        x = b.add(b.mul(b.rms_norm(x, 1e-5, name=f"n{i}"), w, name=f"m{i}"), x, name=f"a{i}")
+    return b.build([x])
+
+
+def test_matcher_time_grows_about_linearly():
+    import time
+
+    from fusec.rewrite.match import GraphIndex, find_matches
+
+    def best(g):
+        ts = []
+        for _ in range(3):
+            t0 = time.perf_counter()
+            found, _ = find_matches(g, default_patterns(), GraphIndex.of(g))
+            ts.append(time.perf_counter() - t0)
+        return min(ts), len(found)
+
+    (t_small, n_small), (t_big, n_big) = best(_chain(200)), best(_chain(2000))
+    assert n_big == 10 * n_small
+    # linear: ~10x; a matcher doing per-candidate work over the whole graph would be ~100x
+    assert t_big < 3 * 10 * t_small, (t_small, t_big)
