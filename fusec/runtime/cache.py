@@ -307,7 +307,16 @@ class GraphCache:
         dtype, shape, or not a host numpy array); nothing runs then.
         """
         vals = check_inputs(entry.key.inputs, inputs)
-        return entry.executable.run(vals)
+        return self._execute(entry, vals)
+
+    def _execute(self, entry: CacheEntry, vals: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """``Executable.run``; an executable with ``uses_backend_state`` (CUDA: captured graphs) also
+        gets the entry's :attr:`~CacheEntry.backend_state` -- only while the cache keeps entries, so
+        a disabled cache never captures state it would throw away."""
+        ex = entry.executable
+        if self.enabled and getattr(ex, "uses_backend_state", False):
+            return ex.run(vals, backend_state=entry.backend_state)
+        return ex.run(vals)
 
     def step(self, params: Hashable, build: Callable[[], Graph],
              inputs: Mapping[str, Any]) -> tuple[dict[str, np.ndarray], CacheEntry]:
@@ -330,7 +339,7 @@ class GraphCache:
         vals = check_inputs(entry.key.inputs, inputs)
         timing["lookup_s"] = timing.get("lookup_s", 0.0) + (time.perf_counter() - t2)
         t2 = time.perf_counter()
-        out = entry.executable.run(vals)
+        out = self._execute(entry, vals)
         timing["run_s"] = time.perf_counter() - t2
         st = self.stats
         st.steps += 1
