@@ -49,7 +49,25 @@ def check_positive(p: Pattern, case: Case, runner) -> None:
         # the kernel family refused the fused node (or the backend failed on it): the pattern let a
         # graph through that its kernel cannot compute -- a failure of this example, not a crash
         raise PropertyFailure(f"backend {runner.name} cannot run the rewritten graph: {type(e).__name__}: {e}") from e
-    _compare_all(out, ref, F16_TOL if case.has_f16 else F32_TOL)
+    _compare_all(out, ref, F16_TOL if case.has_f16 else F32_TOL, _sensitivity(r.graph, vals, ref, case.has_f16))
+
+
+def _sensitivity(graph, vals: dict, ref: dict, has_f16: bool) -> dict:
+    """Per output, ``|interpret(inputs * (1 ± ulp)) - interpret(inputs)|``: how much the reference
+    itself moves under one-ulp input perturbations (its conditioning), for :func:`compare`."""
+    import numpy as np
+
+    ulp = 2.0**-10 if has_f16 else 2.0**-23
+    rng = np.random.default_rng(0)
+    pert = {}
+    for k, v in vals.items():
+        a = np.asarray(v)
+        if a.dtype.kind == "f":
+            pert[k] = (a.astype(np.float64) * (1 + ulp * rng.choice([-1.0, 1.0], size=a.shape))).astype(a.dtype)
+        else:
+            pert[k] = a.copy()
+    moved = interpret(graph, pert)
+    return {n: np.abs(np.asarray(moved[n], np.float64) - np.asarray(ref[n], np.float64)) for n in ref}
 
 
 def check_near_miss(p: Pattern, case: Case, runner) -> None:
@@ -65,11 +83,11 @@ def check_near_miss(p: Pattern, case: Case, runner) -> None:
     _compare_all(interpret(g2, vals), ref, F16_TOL if case.has_f16 else F32_TOL)
 
 
-def _compare_all(out: dict, ref: dict, tol: float) -> None:
+def _compare_all(out: dict, ref: dict, tol: float, sens: dict | None = None) -> None:
     if set(out) != set(ref):
         raise PropertyFailure(f"outputs {sorted(out)} != reference outputs {sorted(ref)}")
     for name in ref:
-        why = compare(out[name], ref[name], tol)
+        why = compare(out[name], ref[name], tol, None if sens is None else sens.get(name))
         if why:
             raise PropertyFailure(f"output {name!r}: {why}")
 
