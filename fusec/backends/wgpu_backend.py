@@ -3,7 +3,8 @@
 Persistent leaves (weights, KV caches) live in storage buffers owned by :class:`WgpuBackend`.
 :meth:`WgpuBackend.compile` plans the graph's memory (:func:`fusec.runtime.plan.plan_buffers`,
 verified with :meth:`~fusec.runtime.plan.BufferPlan.check`), generates one WGSL kernel per
-computing node and builds everything that does not change between runs: scratch and input
+computing node (several for a node whose family emits a :class:`~fusec.codegen.KernelSequence`,
+whose scratch buffers the plan places) and builds everything that does not change between runs: scratch and input
 buffers, pipelines, parameter uniforms and bind groups. :meth:`WgpuExecutable.run` writes the
 inputs, records every dispatch into one compute pass of one command encoder (WebGPU orders the
 storage accesses of successive dispatches), submits once and reads the outputs back.
@@ -48,6 +49,30 @@ def emit_kernel(node: Tensor, backend: str):
         return codegen.emit(node, backend)
     except CodegenError as e:
         raise BackendError(f"no {backend} kernel for node '{node.name}' ({node.op}): {e}") from None
+
+
+def emit_kernels(node: Tensor, backend: str):
+    """All dispatches of ``node`` (a :class:`fusec.codegen.KernelSequence`: kernels in order plus
+    the node's scratch buffers); errors as :func:`emit_kernel`."""
+    from .. import codegen  # noqa: PLC0415  (families load lazily)
+
+    codegen._load_families()
+    fam = node.params.get("kernel") if node.op == "FUSED" else codegen.OP_FAMILY.get(node.op)
+    if fam is None or fam not in codegen.FAMILIES:
+        return codegen.KernelSequence(node, [emit_kernel(node, backend)], [])  # raises the usual error
+    try:
+        return codegen.emit_all(node, backend)
+    except CodegenError as e:
+        raise BackendError(f"no {backend} kernel for node '{node.name}' ({node.op}): {e}") from None
+
+
+class _ScratchRef:
+    """A kernel binding of a node's scratch buffer (resolved through the plan's node scratch)."""
+
+    __slots__ = ("name", "node")
+
+    def __init__(self, node: Tensor, name: str) -> None:
+        self.node, self.name = node, name
 
 
 def check_inputs(backend: str, leaves: list[Tensor],
@@ -165,13 +190,17 @@ class WgpuExecutable(Executable):
 
         self.backend = backend
         self.graph = graph
-        self.plan: BufferPlan = plan_buffers(graph)
+        seqs = [emit_kernels(t, "wgsl") for t in graph.nodes if needs_kernel(t)]
+        scratch = {q.node: [(sc.name, sc.nbytes) for sc in q.scratch] for q in seqs if q.scratch}
+        self.plan: BufferPlan = plan_buffers(graph, scratch)
         self.plan.check()
-        self.kernels = [emit_kernel(t, "wgsl") for t in graph.nodes if needs_kernel(t)]
-        self._roots: list[list] = []  # per kernel: the graph root of each binding
+        self.kernels = [k for q in seqs for k in q.kernels]
+        self._roots: list[list] = []  # per kernel: the graph root (or node scratch) of each binding
         for k in self.kernels:
-            roots = [binding_root(k.node, b.tensor) for b in k.bindings]
-            self.plan.check_kernel(k.node, [(r, b.write) for r, b in zip(roots, k.bindings, strict=True)])
+            roots = [_ScratchRef(k.node, b.scratch) if b.scratch is not None else binding_root(k.node, b.tensor)
+                     for b in k.bindings]
+            self.plan.check_kernel(k.node, [(r, b.write) for r, b in zip(roots, k.bindings, strict=True)
+                                            if b.scratch is None])
             self._roots.append(roots)
         self._inputs = [t for t in graph.leaves if "weight" not in t.flags]
         self._weights = [t for t in graph.leaves if "weight" in t.flags]
@@ -184,7 +213,9 @@ class WgpuExecutable(Executable):
             self._bind()
 
     # -- buffers -------------------------------------------------------------------------------------
-    def _buffer(self, root: Tensor):
+    def _buffer(self, root):
+        if isinstance(root, _ScratchRef):
+            return self._buffers[self.plan.scratch_slot(root.node, root.name).index]
         slot = self.plan.slot(root)
         return self.backend.weight_buffer(root) if slot.kind == "weight" else self._buffers[slot.index]
 
@@ -239,4 +270,4 @@ class WgpuExecutable(Executable):
         return out
 
 
-__all__ = ["WgpuBackend", "WgpuExecutable", "check_inputs", "emit_kernel"]
+__all__ = ["WgpuBackend", "WgpuExecutable", "check_inputs", "emit_kernel", "emit_kernels"]

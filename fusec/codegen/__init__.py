@@ -16,11 +16,12 @@ from collections.abc import Callable
 from ..errors import CodegenError
 from ..ir.graph import Graph
 from ..ir.tensor import Tensor
-from .kernel import BACKENDS, Binding, Kernel
+from .kernel import BACKENDS, Binding, Kernel, KernelSequence, Scratch
 
 EmitFn = Callable[[Tensor, str], Kernel]
 
 FAMILIES: dict[str, EmitFn] = {}
+SEQUENCE_FAMILIES: dict[str, Callable[[Tensor, str], KernelSequence]] = {}
 OP_FAMILY: dict[str, str] = {}
 NO_KERNEL_OPS = frozenset({"NONE", "VIEW", "RESHAPE", "PERMUTE", "TRANSPOSE"})
 
@@ -32,6 +33,17 @@ def family(name: str, ops: tuple[str, ...] = ()):
         FAMILIES[name] = fn
         for op in ops:
             OP_FAMILY[op] = name
+        return fn
+
+    return deco
+
+
+def sequence_family(name: str):
+    """Register ``fn(node, backend) -> KernelSequence`` as the multi-kernel form of family ``name``
+    (used by :func:`emit_all`; the family's :func:`family` function stays the single-kernel form)."""
+
+    def deco(fn: Callable[[Tensor, str], KernelSequence]) -> Callable[[Tensor, str], KernelSequence]:
+        SEQUENCE_FAMILIES[name] = fn
         return fn
 
     return deco
@@ -88,6 +100,32 @@ def emit(node: Tensor, backend: str) -> Kernel:
     return k
 
 
+def emit_all(node: Tensor, backend: str) -> KernelSequence:
+    """Every dispatch computing ``node`` for ``backend``, with the scratch buffers they share.
+
+    A family registered with :func:`sequence_family` (``flash_attn``) returns its multi-kernel form
+    (e.g. a mask pre-pass, the attention kernel writing split partials, a reduction); every other
+    family returns ``KernelSequence(node, [emit(node, backend)], [])``. :func:`emit` stays the
+    single-kernel form (for ``flash_attn`` a self-contained kernel without skipping or split).
+    Raises :class:`CodegenError` as :func:`emit` does.
+    """
+    if backend not in BACKENDS:
+        raise CodegenError(f"unknown codegen backend {backend!r} (expected one of {', '.join(BACKENDS)})")
+    fam = family_of(node)
+    if fam not in SEQUENCE_FAMILIES:
+        return KernelSequence(node, [emit(node, backend)], [])
+    t0 = time.perf_counter()
+    seq = SEQUENCE_FAMILIES[fam](node, backend)
+    seq.kernels = [_shareable(k, node) for k in seq.kernels]
+    names = [sc.name for sc in seq.scratch]
+    bad = [b.scratch for k in seq.kernels for b in k.bindings if b.scratch is not None and b.scratch not in names]
+    if len(set(names)) != len(names) or bad:
+        raise CodegenError(f"node {node.name!r}: family {fam} binds unknown or duplicate scratch buffers "
+                           f"{bad or names}")
+    _diskcache().STATS.emit_s += time.perf_counter() - t0
+    return seq
+
+
 def _diskcache():
     from . import diskcache  # noqa: PLC0415
 
@@ -135,5 +173,6 @@ def emit_graph(graph: Graph, backend: str) -> list[Kernel]:
     return [emit(t, backend) for t in graph.nodes if needs_kernel(t)]
 
 
-__all__ = ["BACKENDS", "Binding", "FAMILIES", "Kernel", "OP_FAMILY", "emit", "emit_graph", "family",
-           "family_of", "needs_kernel", "with_nodes_header"]
+__all__ = ["BACKENDS", "Binding", "FAMILIES", "Kernel", "KernelSequence", "OP_FAMILY", "SEQUENCE_FAMILIES", "Scratch",
+           "emit", "emit_all", "emit_graph", "family", "family_of", "needs_kernel", "sequence_family",
+           "with_nodes_header"]

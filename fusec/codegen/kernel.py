@@ -27,12 +27,15 @@ class Binding:
             (the element offset of a view travels as a parameter, usually ``offs_<name>``).
         dtype: element type as declared in the kernel (normally ``tensor.dtype``).
         write: the kernel writes this buffer.
+        scratch: for a kernel of a :class:`KernelSequence`, the name of the node's scratch buffer
+            bound here (``tensor`` is then ``None``); ``None`` for a tensor binding.
     """
 
     name: str
-    tensor: Tensor
+    tensor: Tensor | None
     dtype: DType
     write: bool = False
+    scratch: str | None = None
 
 
 @dataclass
@@ -74,3 +77,44 @@ class Kernel:
     @property
     def suffix(self) -> str:
         return {"wgsl": "wgsl", "cuda": "cu", "msl": "metal"}[self.backend]
+
+
+@dataclass(frozen=True)
+class Scratch:
+    """A temporary device buffer private to one node's :class:`KernelSequence`.
+
+    Attributes:
+        name: referred to by ``Binding.scratch`` of the sequence's kernels.
+        nbytes: size in bytes (the buffer plan rounds it up to its slot alignment).
+    """
+
+    name: str
+    nbytes: int
+
+
+@dataclass
+class KernelSequence:
+    """The dispatches computing one node, in order, and the scratch buffers they share.
+
+    Every family yields one (:func:`fusec.codegen.emit_all`); most hold a single kernel and no
+    scratch. Multi-kernel families (``flash_attn``: mask pre-pass, attention, split reduction) bind
+    scratch buffers by name (``Binding.scratch``); a backend gives each scratch buffer memory that is
+    live only during the node and never aliases the node's inputs or output
+    (:func:`fusec.runtime.plan.plan_buffers` with ``scratch``). Kernels run in list order, each seeing
+    the writes of the ones before it.
+
+    Attributes:
+        node: the IR node computed.
+        kernels: the dispatches, in order.
+        scratch: the node's scratch buffers (names unique).
+    """
+
+    node: Tensor
+    kernels: list[Kernel]
+    scratch: list[Scratch] = field(default_factory=list)
+
+    def scratch_bytes(self, name: str) -> int:
+        for sc in self.scratch:
+            if sc.name == name:
+                return sc.nbytes
+        raise KeyError(name)

@@ -182,6 +182,57 @@ def mul_mat(node: Tensor, srcs: Srcs) -> Arr:
     return np.matmul(b, np.swapaxes(a, -1, -2))
 
 
+def flash_attn_ext(node: Tensor, srcs: Srcs) -> Arr:
+    """Attention in one op (ggml_flash_attn_ext; ggml-cpu
+    ``ggml_compute_forward_flash_attn_ext_f16_one_chunk``).
+
+    Sources (numpy order ``ne[::-1]``): q f32 ``ne = [D, n_q, n_head, n_seq]``; k ``ne = [D, n_kv,
+    n_head_kv, k3]`` and v ``ne = [Dv, n_kv, n_head_kv', v3]`` (f32 or f16, widened), head ``h``
+    reading kv head ``h / (n_head/n_head_kv)`` and sequence ``s`` kv batch ``s / (n_seq/k3)``;
+    optional mask (f32 or f16) ``ne = [n_kv, >= n_q, m2, m3]``, rows ``0..n_q-1`` used, repeated over
+    heads and sequences (``i2 % m2``, ``i3 % m3``). Params ``scale``, ``max_bias`` (ALiBi slope per
+    head, :func:`alibi_slopes`), ``logit_softcap``.
+
+    Per query row: ``s_j = q.k_j * scale``; with ``logit_softcap = c != 0``: ``s_j = c*tanh(q.k_j *
+    scale/c)`` (ggml divides ``scale`` by ``c`` first); then ``s_j += slope*mask_j``. Entries whose
+    ``slope*mask`` is ``-inf`` are skipped, as ggml-cpu's ``if (mv == -INFINITY) continue``; the
+    result is ``sum_j exp(s_j - max) v_j / sum_j exp(s_j - max)``. **Fully masked row** (every
+    entry skipped): ggml-cpu's sum ``S`` stays 0 and it scales by ``S_inv = S == 0 ? 0 : 1/S``, so
+    the row is **0** (not NaN; the unfused SOFT_MAX gives NaN there).
+
+    Arithmetic in float64 (a stricter reference than ggml-cpu, which rounds q to f16 for f16 K and
+    accumulates an f16 V in f16). Result f32 ``ne = [Dv, n_head, n_q, n_seq]`` (numpy
+    ``[n_seq, n_q, n_head, Dv]``, ggml's permuted layout)."""
+    q = np.asarray(srcs[0], dtype=np.float64)
+    k = np.asarray(srcs[1], dtype=np.float64)
+    v = np.asarray(srcs[2], dtype=np.float64)
+    mask = srcs[3] if len(srcs) > 3 else None
+    n_seq, n_head, n_q, _ = q.shape
+    k = np.repeat(np.repeat(k, n_seq // k.shape[0], axis=0), n_head // k.shape[1], axis=1)
+    v = np.repeat(np.repeat(v, n_seq // v.shape[0], axis=0), n_head // v.shape[1], axis=1)
+    scale = float(node.params.get("scale", 1.0))
+    softcap = float(node.params.get("logit_softcap", 0.0))
+    s = np.matmul(q, np.swapaxes(k, -1, -2))  # [n_seq, n_head, n_q, n_kv]
+    if softcap != 0.0:
+        s = softcap * np.tanh(s * (scale / softcap))
+    else:
+        s = s * scale
+    masked = np.zeros(s.shape, dtype=bool)
+    if mask is not None:
+        m = np.asarray(mask, dtype=np.float64)[:, :, :n_q, :]
+        m = tile_to(m, (n_seq, n_head, n_q, m.shape[3]))
+        slope = alibi_slopes(n_head, float(node.params.get("max_bias", 0.0))).astype(np.float64)
+        mv = slope[None, :, None, None] * m
+        masked = mv == -np.inf
+        s = np.where(masked, 0.0, s + np.where(masked, 0.0, mv))
+    mx = np.max(np.where(masked, -np.inf, s), axis=-1, keepdims=True)
+    mx = np.where(np.isfinite(mx), mx, 0.0)
+    e = np.where(masked, 0.0, np.exp(s - mx))
+    den = np.sum(e, axis=-1, keepdims=True)
+    out = np.matmul(e, v) / np.where(den == 0.0, 1.0, den)  # fully masked rows: e == 0 -> 0
+    return np.ascontiguousarray(np.swapaxes(out, 1, 2)).astype(F32)
+
+
 def get_rows(node: Tensor, srcs: Srcs) -> Arr:
     """Gather rows (ggml_compute_forward_get_rows): a ``ne = [n, R, a2, a3]``, indices i32
     ``ne = [k, a2, c2, 1]`` -> ``ne = [n, k, a2, c2]`` with ``dst[i12][i11][i10] =
@@ -259,6 +310,7 @@ COMPUTE: dict[str, Callable[[Tensor, Srcs], Arr]] = {
     "SOFT_MAX": soft_max,
     "ROPE": rope,
     "MUL_MAT": mul_mat,
+    "FLASH_ATTN_EXT": flash_attn_ext,
     "GET_ROWS": get_rows,
     "CONT": cont,
 }

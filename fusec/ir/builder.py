@@ -159,6 +159,17 @@ class GraphBuilder:
             "attn_factor": float(attn_factor), "beta_fast": float(beta_fast), "beta_slow": float(beta_slow),
         }, name=name)
 
+    def flash_attn_ext(self, q, k, v, mask=None, scale: float = 1.0, max_bias: float = 0.0,
+                       logit_softcap: float = 0.0, name=None):
+        """Fused attention (ggml_flash_attn_ext): q f32 ne=[D, n_q, n_head, n_seq]; k ne=[D, n_kv,
+        n_head_kv, k3], v ne=[Dv, n_kv, n_head_kv, v3] (f32/f16, not transposed; head ``h`` uses kv
+        head ``h / (n_head/n_head_kv)``); mask f32/f16 ne=[n_kv, >= n_q, 1|m2, 1|m3] or None. Result
+        f32 ne=[Dv, n_head, n_q, n_seq]: ``softmax(softcap*tanh(scale*q.k/softcap) + slope*mask) @ v``
+        (no tanh when ``logit_softcap == 0``; ``slope`` is the ALiBi slope, 1 when ``max_bias == 0``).
+        Raises :class:`GraphError` for mismatched shapes or dtypes."""
+        return self.op("FLASH_ATTN_EXT", [q, k, v, mask], {"scale": float(scale), "max_bias": float(max_bias),
+                                                           "logit_softcap": float(logit_softcap)}, name=name)
+
     # -- matmul / rows ------------------------------------------------------------------------------
     def mul_mat(self, a, b, name=None):
         """``b @ a^T`` per batch (ggml_mul_mat): a ne=[K, M, ...], b ne=[K, N, ...] -> ne=[M, N, ...]."""

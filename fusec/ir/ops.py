@@ -44,7 +44,7 @@ class OpDef:
         name: ggml op name.
         arity: (min, max) number of sources; optional trailing sources may be ``None``.
         kind: ``leaf`` | ``unary`` | ``binary`` | ``row`` | ``view`` | ``matmul`` | ``rows`` | ``rope``
-            | ``copy`` | ``fused``.
+            | ``copy`` | ``attention`` | ``fused``.
         commutative: operands 0 and 1 may be swapped without changing the value (the matcher
             tries both orders).
         params: parameter names and defaults.
@@ -236,6 +236,31 @@ def _glu(srcs, params) -> Layout:
     return Layout(a.dtype, a.ne)
 
 
+def _flash_attn_ext(srcs, params) -> Layout:
+    """ggml_flash_attn_ext: q f32 ne=[D, n_q, n_head, n_seq]; k ne=[D, n_kv, n_head_kv, k3] and v
+    ne=[Dv, n_kv, n_head_kv', v3] f32/f16 (n_head % n_head_kv == 0, n_seq % k3 == 0: GQA broadcast);
+    optional mask f32/f16 ne=[n_kv, >= n_q, m2, m3] (n_head % m2 == 0, n_seq % m3 == 0, rows
+    contiguous). Result f32 ne=[Dv, n_head, n_q, n_seq] (ggml's permuted layout)."""
+    q, k, v = srcs[0], srcs[1], srcs[2]
+    mask = srcs[3] if len(srcs) > 3 else None
+    _need(q.dtype == F32, f"q must be f32, got {q.dtype}")
+    _float(k, "k")
+    _float(v, "v")
+    _need(k.ne[0] == q.ne[0], f"k ne[0]={k.ne[0]} != q ne[0]={q.ne[0]} (head size)")
+    _need(v.ne[1] == k.ne[1], f"v ne[1]={v.ne[1]} != k ne[1]={k.ne[1]} (n_kv)")
+    for t, nm in ((k, "k"), (v, "v")):
+        _need(q.ne[2] % t.ne[2] == 0 and q.ne[3] % t.ne[3] == 0,
+              f"{nm} ne[2]/ne[3]={t.ne[2]}/{t.ne[3]} must divide q's {q.ne[2]}/{q.ne[3]} (GQA broadcast)")
+    if mask is not None:
+        _need(mask.dtype in (F32, F16), f"mask must be f32 or f16, got {mask.dtype}")
+        _need(mask.ne[0] == k.ne[1], f"mask ne[0]={mask.ne[0]} != n_kv={k.ne[1]}")
+        _need(mask.ne[1] >= q.ne[1], f"mask ne[1]={mask.ne[1]} < n_q={q.ne[1]}")
+        _need(q.ne[2] % mask.ne[2] == 0 and q.ne[3] % mask.ne[3] == 0,
+              "mask ne[2]/ne[3] must divide q ne[2]/ne[3]")
+        _need(mask.is_contiguous_rows, "mask rows must be contiguous")
+    return Layout(F32, (v.ne[0], q.ne[2], q.ne[1], q.ne[3]))
+
+
 def _leaf(srcs, params) -> Layout:  # never called: leaves are built directly
     raise OpCheckError("leaf tensors have no inference")
 
@@ -272,6 +297,8 @@ for _op in [
     OpDef("RESHAPE", (1, 1), "view", _reshape, "ggml_reshape_4d", params={"ne": None}),
     OpDef("PERMUTE", (1, 1), "view", _permute, "ggml_permute", params={"axes": None}),
     OpDef("TRANSPOSE", (1, 1), "view", _transpose, "ggml_transpose"),
+    OpDef("FLASH_ATTN_EXT", (3, 4), "attention", _flash_attn_ext, "ggml_flash_attn_ext",
+          params={"scale": 1.0, "max_bias": 0.0, "logit_softcap": 0.0}),
     OpDef("FUSED", (0, 64), "fused", _fused, "fusec rewrite (decomposition kept)"),
 ]:
     register(_op)

@@ -17,11 +17,18 @@ SET_ROWS/CPY, whose output *is* their destination. :func:`plan_buffers` never pr
 plan (a slot freed by a node's last read is only handed to nodes *after* it), and
 :meth:`BufferPlan.check` verifies it, so a plan built or edited any other way is refused.
 
+Node scratch (kernel sequences, :class:`fusec.codegen.KernelSequence`): a node may need temporary
+buffers of its own for the duration of its dispatches (``plan_buffers(graph, scratch={node: [(name,
+nbytes), ...]})``). Each gets a ``scratch`` slot live at that node only: taken from the slots free
+*before* the node (never one holding its sources, its output or anything else live then), released
+after it. :meth:`BufferPlan.check` verifies that too.
+
 Sizes are bytes; slots are rounded up to :data:`SLOT_ALIGN` bytes.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 from ..errors import BackendError
@@ -100,12 +107,15 @@ class BufferPlan:
         slot_of: root tensor -> slot index (views resolve through :meth:`slot`).
         live: scratch root -> ``(first, last)`` node indices (into ``graph.nodes``) during which its
             memory must stay intact; ``last`` is a huge number for graph outputs.
+        node_scratch: node -> {scratch name -> (slot index, bytes)} for nodes planned with scratch
+            buffers (live during that node only).
     """
 
     graph: Graph
     slots: list[Slot]
     slot_of: dict[Tensor, int]
     live: dict[Tensor, tuple[int, int]] = field(default_factory=dict)
+    node_scratch: dict[Tensor, dict[str, tuple[int, int]]] = field(default_factory=dict)
 
     # -- queries -------------------------------------------------------------------------------
     def slot(self, t: Tensor) -> Slot:
@@ -118,10 +128,19 @@ class BufferPlan:
         except KeyError:
             raise BackendError(f"buffer plan: tensor {t.root.name!r} has no buffer slot") from None
 
+    def scratch_slot(self, node: Tensor, name: str) -> Slot:
+        """The slot of ``node``'s scratch buffer ``name``; raises :class:`BackendError` when the node
+        was planned without it."""
+        try:
+            return self.slots[self.node_scratch[node][name][0]]
+        except KeyError:
+            raise BackendError(f"buffer plan: node {node.name!r} has no scratch buffer {name!r}") from None
+
     def stats(self) -> PlanStats:
         """Bytes without reuse vs with reuse (see :class:`PlanStats`)."""
         scratch = [s for s in self.slots if s.kind == "scratch"]
         naive = sum(_align(r.span_bytes) for r in self.live)
+        naive += sum(_align(n) for bufs in self.node_scratch.values() for _, n in bufs.values())
         return PlanStats(
             weight_bytes=sum(s.size for s in self.slots if s.kind == "weight"),
             input_bytes=sum(s.size for s in self.slots if s.kind == "input"),
@@ -176,6 +195,33 @@ class BufferPlan:
             for a, b in zip(roots, roots[1:], strict=False):
                 if live[b][0] <= live[a][1]:
                     raise BackendError(f"buffer plan: node {b.name!r} reuses slot {k} while {a.name!r} is still live")
+        self._check_node_scratch(live)
+
+    def _check_node_scratch(self, live: dict[Tensor, tuple[int, int]]) -> None:
+        """Node scratch: scratch-kind slots large enough, distinct per node, and not holding any root
+        live at the node (its sources and output included) nor another node's scratch at the same node."""
+        index = {id(t): i for i, t in enumerate(self.graph.nodes)}
+        for node, bufs in self.node_scratch.items():
+            if id(node) not in index:
+                raise BackendError(f"buffer plan: scratch planned for {node.name!r}, which is not in the graph")
+            i = index[id(node)]
+            busy = {self.slot_of[r]: r.name for r, (a, b) in live.items() if a <= i <= b}
+            busy.update({self.slot_of[r]: r.name for r in read_roots(node)})
+            seen: dict[int, str] = {}
+            for name, (k, nbytes) in bufs.items():
+                if not 0 <= k < len(self.slots) or self.slots[k].kind != "scratch":
+                    raise BackendError(f"buffer plan: scratch {name!r} of node {node.name!r} needs a scratch slot, "
+                                       f"got slot {k}")
+                if self.slots[k].size < nbytes:
+                    raise BackendError(f"buffer plan: scratch {name!r} of node {node.name!r} needs {nbytes} bytes, "
+                                       f"slot {k} has {self.slots[k].size}")
+                if k in busy:
+                    raise BackendError(f"buffer plan: scratch {name!r} of node {node.name!r} shares slot {k} with "
+                                       f"{busy[k]!r}, live at that node")
+                if k in seen:
+                    raise BackendError(f"buffer plan: scratch {name!r} and {seen[k]!r} of node {node.name!r} "
+                                       f"share slot {k}")
+                seen[k] = name
 
 
     def check_kernel(self, node: Tensor, accesses: list[tuple[Tensor, bool]]) -> None:
@@ -264,8 +310,11 @@ def lifetimes(graph: Graph) -> dict[Tensor, tuple[int, int]]:
     return {r: (a, b) for r, (a, b) in live.items()}
 
 
-def plan_buffers(graph: Graph) -> BufferPlan:
+def plan_buffers(graph: Graph, scratch: Mapping[Tensor, Sequence[tuple[str, int]]] | None = None) -> BufferPlan:
     """Plan the buffers of ``graph`` (typically after fusion); see the module docstring.
+
+    ``scratch`` maps a node of ``graph`` to the ``(name, nbytes)`` scratch buffers its kernel
+    sequence needs (names unique per node); each gets a scratch slot live at that node only.
 
     Scratch slots are reused best-fit (the smallest free slot that is large enough, else the
     largest free slot grown to fit, else a new slot). A slot is freed only *after* the node
@@ -302,24 +351,40 @@ def plan_buffers(graph: Graph) -> BufferPlan:
         expiring.setdefault(last, []).append(r)
 
     free: list[int] = []
+
+    def take(need: int) -> int:
+        fits = [k for k in free if slots[k].size >= need]
+        if fits:
+            k = min(fits, key=lambda k: (slots[k].size, k))
+        elif free:
+            k = max(free, key=lambda k: (slots[k].size, -k))
+            slots[k].size = need
+        else:
+            k = len(slots)
+            slots.append(Slot(k, "scratch", need))
+        if k in free:
+            free.remove(k)
+        return k
+
+    want = {id(n): (n, list(bufs)) for n, bufs in (scratch or {}).items() if bufs}
+    node_scratch: dict[Tensor, dict[str, tuple[int, int]]] = {}
     for i, t in enumerate(order):
         if t in live:
-            need = _align(t.span_bytes)
-            fits = [k for k in free if slots[k].size >= need]
-            if fits:
-                k = min(fits, key=lambda k: (slots[k].size, k))
-            elif free:
-                k = max(free, key=lambda k: (slots[k].size, -k))
-                slots[k].size = need
-            else:
-                k = len(slots)
-                slots.append(Slot(k, "scratch", need))
-            if k in free:
-                free.remove(k)
-            slot_of[t] = k
+            slot_of[t] = take(_align(t.span_bytes))
+        if id(t) in want:  # after the output: the free list holds nothing live at node i
+            bufs = node_scratch[t] = {}
+            for name, nbytes in want.pop(id(t))[1]:
+                if name in bufs:
+                    raise BackendError(f"buffer plan: node {t.name!r} asks for scratch {name!r} twice")
+                bufs[name] = (take(_align(int(nbytes))), int(nbytes))
         for r in expiring.get(i, ()):  # freed only after node i ran: never node i's own output
             free.append(slot_of[r])
-    return BufferPlan(graph, slots, slot_of, live)
+        for k, _ in node_scratch.get(t, {}).values():
+            free.append(k)
+    if want:
+        n = next(iter(want.values()))[0]
+        raise BackendError(f"buffer plan: scratch requested for {n.name!r}, which is not in the graph")
+    return BufferPlan(graph, slots, slot_of, live, node_scratch)
 
 
 __all__ = ["INPLACE_OPS", "SLOT_ALIGN", "BufferPlan", "PlanStats", "Slot", "binding_root", "lifetimes", "plan_buffers",

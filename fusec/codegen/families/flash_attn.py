@@ -1,0 +1,374 @@
+"""FLASH_ATTN_EXT kernels (ggml_flash_attn_ext) with masked-block skipping, and the ``flash_attn``
+FUSED nodes of ``patterns/attention.fuse`` (the unfused MUL_MAT -> SOFT_MAX -> MUL_MAT attention).
+
+A node is computed by a :class:`~fusec.codegen.kernel.KernelSequence` (:func:`emit_flash_attn_seq`):
+
+1. ``flash_attn_mask_flags`` (pre-pass, only with a mask): one flag per (mask batch, query-row group
+   of ``QR`` rows, KV block of ``KB`` columns), computed from the mask rows ``0..n_q-1``: **0** every
+   entry ``-inf`` (the attention kernel skips the block without loading K, V or the mask), **2** every
+   entry zero (K and V are loaded, the mask is not), **1** mixed. Scratch ``flags`` (i32).
+2. ``flash_attn_{vec,tile}`` (one workgroup of ``KB`` threads per (KV split, row group, head x seq)):
+   the ``QR`` query rows of a group sit in workgroup memory; per KV block each thread computes one
+   column of scores (``q.k * scale``, softcap, ``+ slope*mask``), the group's running max / sum are
+   updated (online softmax, f32) and each thread accumulates ``ceil(Dv/KB)`` output dims per row in
+   registers. ``vec`` (decode, ``n_q <= 8``: ``QR`` = n_q rounded up to 1/2/4/8) splits the KV blocks
+   over ``n_split`` workgroups (flash-decoding) and writes partials ``[M, S, acc[Dv]]`` per (row,
+   split) to scratch ``partials``; ``tile`` (prefill: ``QR`` = 16, 8 for D = 256) runs all blocks in
+   one workgroup and writes the result.
+3. ``flash_attn_reduce`` (only with ``n_split > 1``): per (row, head, seq), ``M = max M_i``,
+   ``out = sum_i e^(M_i - M) acc_i / sum_i e^(M_i - M) S_i`` (0 when the sum is 0).
+
+:func:`emit_flash_attn` (the registered single-kernel form, what :func:`fusec.codegen.emit` returns)
+is the attention kernel without pre-pass or split, writing the result directly: correct on its own
+for backends that run one kernel per node.
+
+Block sizes per backend (:data:`KV_BLOCK`): 32 on CUDA (a warp) and MSL (a simdgroup), 64 on WGSL
+(no subgroup size is guaranteed; 64 invocations is the portable workgroup). Head sizes
+:data:`HEAD_SIZES` (D and Dv compile-time). Semantics and the fully masked row (result 0, as
+ggml-cpu): :func:`fusec.interp.kernels.flash_attn_ext`; design notes: ``docs/flash-attention.md``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ...errors import CodegenError
+from ...ir.dtypes import F16, F32, I32
+from ...ir.tensor import Tensor
+from .. import family, sequence_family
+from ..env import TYPE_NAMES, render
+from ..kernel import Binding, Kernel, KernelSequence, Scratch
+from ..layout import ceil_div, elem_offset, elem_strides
+from .soft_max import alibi_params, row_grid
+
+HEAD_SIZES = (64, 80, 96, 128, 256)
+KV_BLOCK = {"wgsl": 64, "cuda": 32, "msl": 32}
+VEC_MAX_ROWS = 8
+REDUCE_THREADS = 64
+TARGET_WORKGROUPS = 128  # flash-decoding: split the KV range until about this many workgroups run
+TEMPLATES = {"wgsl": "wgsl/flash_attn.wgsl.j2", "cuda": "cuda/flash_attn.cu.j2", "msl": "msl/flash_attn.metal.j2"}
+Q_SHARED_BYTES = 8192  # q rows of a group kept in workgroup memory: QR * D * 4 <= this (tile variant)
+
+
+@dataclass(frozen=True)
+class Attn:
+    """The operands of one attention node, in FLASH_ATTN_EXT terms.
+
+    Attributes:
+        q: f32 ``ne = [D, n_q, n_head, n_seq]`` (any strides).
+        k: ``ne = [D, n_kv, n_head_kv, k3]``.
+        v: FLASH_ATTN_EXT's v ``ne = [Dv, n_kv, ...]``, or for a FUSED node the transposed view of
+            ``MUL_MAT(v, kq)`` ``ne = [n_kv, Dv, ...]`` (``v_transposed``).
+        mask: ``ne = [n_kv, >= n_q, m2, m3]`` or None.
+        qk_scale: factor of ``q.k`` before the softcap (``scale / softcap`` when softcap != 0).
+        softcap: ``c`` of ``c * tanh(.)``; 0 = none.
+        max_bias: ALiBi.
+    """
+
+    q: Tensor
+    k: Tensor
+    v: Tensor
+    mask: Tensor | None
+    v_transposed: bool
+    qk_scale: float
+    softcap: float
+    max_bias: float
+
+    @property
+    def D(self) -> int:
+        return int(self.q.ne[0])
+
+    @property
+    def Dv(self) -> int:
+        return int(self.v.ne[1] if self.v_transposed else self.v.ne[0])
+
+    @property
+    def n_q(self) -> int:
+        return int(self.q.ne[1])
+
+    @property
+    def n_head(self) -> int:
+        return int(self.q.ne[2])
+
+    @property
+    def n_seq(self) -> int:
+        return int(self.q.ne[3])
+
+    @property
+    def n_kv(self) -> int:
+        return int(self.k.ne[1])
+
+
+def attn_operands(node: Tensor) -> Attn:
+    """The :class:`Attn` of a FLASH_ATTN_EXT node or of a FUSED ``flash_attn`` node (read from its
+    decomposition: ``MUL_MAT(k, q)`` [-> ``SCALE{s1} -> TANH -> SCALE{s2}``] -> ``SOFT_MAX(., mask)
+    {scale}`` -> ``MUL_MAT(v, .)`` -> ``PERMUTE(0,2,1,3)`` -> ``CONT``; the softcap chain maps to
+    ``softcap = s2*scale``, ``qk_scale = s1``, i.e. ggml's ``logit_softcap = s2*scale`` and ``scale =
+    s1*s2*scale``). Raises :class:`CodegenError` for any other structure."""
+    if node.op == "FLASH_ATTN_EXT":
+        q, k, v = node.src[0], node.src[1], node.src[2]
+        mask = node.src[3] if len(node.src) > 3 else None
+        scale = float(node.params.get("scale", 1.0))
+        softcap = float(node.params.get("logit_softcap", 0.0))
+        return Attn(q, k, v, mask, False, scale / softcap if softcap != 0.0 else scale, softcap,
+                    float(node.params.get("max_bias", 0.0)))
+    if node.op != "FUSED" or node.decomposition is None:
+        raise CodegenError(f"node {node.name!r}: flash_attn renders FLASH_ATTN_EXT or a FUSED attention, not {node.op}")
+    sub = node.decomposition
+
+    def outer(t: Tensor | None) -> Tensor:
+        if t is None or not t.is_leaf or "fused_input" not in t.params:
+            raise CodegenError(f"node {node.name!r}: flash_attn needs q, k, v and the mask to be fused inputs")
+        src = node.src[int(t.params["fused_input"])]
+        assert src is not None
+        return src
+
+    def want(t: Tensor | None, op: str) -> Tensor:
+        if t is None or t.op != op:
+            got = "nothing" if t is None else t.op
+            raise CodegenError(f"node {node.name!r}: flash_attn expects {op} in the attention chain, found {got}")
+        return t
+
+    root = want(sub.outputs[0], "CONT")
+    perm = want(root.src[0], "PERMUTE")
+    if list(perm.params.get("axes") or []) != [0, 2, 1, 3]:
+        raise CodegenError(f"node {node.name!r}: flash_attn expects PERMUTE(0, 2, 1, 3) of the result")
+    kqv = want(perm.src[0], "MUL_MAT")
+    sm = want(kqv.src[1], "SOFT_MAX")
+    x = sm.src[0]
+    sc = float(sm.params.get("scale", 1.0))
+    qk_scale, softcap = sc, 0.0
+    if x is not None and x.op == "SCALE":
+        s2 = x
+        th = want(s2.src[0], "TANH")
+        s1 = want(th.src[0], "SCALE")
+        if float(s1.params.get("b", 0.0)) != 0.0 or float(s2.params.get("b", 0.0)) != 0.0:
+            raise CodegenError(f"node {node.name!r}: a softcap SCALE with a bias is not ggml's logit_softcap")
+        qk_scale, softcap = float(s1.params.get("s", 1.0)), float(s2.params.get("s", 1.0)) * sc
+        if softcap == 0.0:
+            raise CodegenError(f"node {node.name!r}: softcap factor 0")
+        x = s1.src[0]
+    kq = want(x, "MUL_MAT")
+    k, q, v = outer(kq.src[0]), outer(kq.src[1]), outer(kqv.src[0])
+    mask = outer(sm.src[1]) if len(sm.src) > 1 and sm.src[1] is not None else None
+    return Attn(q, k, v, mask, True, qk_scale, softcap, float(sm.params.get("max_bias", 0.0)))
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Tuning choices of one node (all but ``n_split`` are compile-time in the kernel source)."""
+
+    variant: str  # "vec" | "tile"
+    qr: int  # query rows per workgroup
+    kb: int  # KV block = threads per workgroup
+    n_split: int  # KV splits (workgroups along x); > 1 only for vec
+    skip: bool  # pre-pass flags + masked-block skipping (needs a mask)
+
+    @property
+    def split(self) -> bool:
+        return self.n_split > 1
+
+
+def _pow2_at_least(n: int) -> int:
+    p = 1
+    while p < n:
+        p *= 2
+    return p
+
+
+def choose_plan(a: Attn, backend: str, *, kv_block: int | None = None, n_split: int | None = None,
+                skip: bool = True, variant: str | None = None) -> Plan:
+    """Variant, rows per workgroup, KV block and split count for ``a`` on ``backend``.
+
+    ``vec`` when ``n_q <= 8`` (``QR`` = n_q rounded up to a power of two), else ``tile`` (``QR`` =
+    16, or 8 for head size 256, so that q rows use <= 8 KiB of workgroup memory). ``n_split`` (vec
+    only, default): enough splits for about :data:`TARGET_WORKGROUPS` workgroups, at least 2 KV
+    blocks each. The keyword arguments override the choices (tests); ``skip`` is off without a mask.
+    Raises :class:`CodegenError` for a KV block that is not a power of two in 16..256 or smaller
+    than the row group.
+    """
+    kb = int(kv_block or KV_BLOCK[backend])
+    if variant is None:
+        variant = "vec" if a.n_q <= VEC_MAX_ROWS else "tile"
+    if variant == "vec":
+        qr = _pow2_at_least(min(a.n_q, VEC_MAX_ROWS))
+    else:
+        qr = 16 if a.D * 16 * 4 <= Q_SHARED_BYTES else 8
+    if kb not in (16, 32, 64, 128, 256) or kb < qr:
+        raise CodegenError(f"flash_attn: KV block {kb} must be a power of two in 16..256 and >= {qr} rows")
+    n_blocks = ceil_div(a.n_kv, kb)
+    groups = ceil_div(a.n_q, qr) * a.n_head * a.n_seq
+    if n_split is None:
+        n_split = 1
+        if variant == "vec":
+            n_split = max(1, min(ceil_div(TARGET_WORKGROUPS, groups), n_blocks // 2))
+    n_split = max(1, min(int(n_split), n_blocks))
+    bps = ceil_div(n_blocks, n_split)
+    n_split = ceil_div(n_blocks, bps)  # no empty split
+    return Plan(variant, qr, kb, n_split, bool(skip and a.mask is not None))
+
+
+def _check(node: Tensor, a: Attn) -> None:
+    def bad(msg: str) -> CodegenError:
+        return CodegenError(f"node {node.name!r}: flash_attn: {msg}")
+
+    if a.D not in HEAD_SIZES or a.Dv not in HEAD_SIZES:
+        raise bad(f"head sizes D={a.D}, Dv={a.Dv} not supported (supported: {', '.join(map(str, HEAD_SIZES))})")
+    if a.q.dtype != F32:
+        raise bad(f"q must be f32, got {a.q.dtype}")
+    for t, nm in ((a.k, "k"), (a.v, "v")):
+        if t.dtype not in (F32, F16):
+            raise bad(f"{nm} must be f32 or f16, got {t.dtype}")
+    if a.mask is not None:
+        if a.mask.dtype not in (F32, F16):
+            raise bad(f"mask must be f32 or f16, got {a.mask.dtype}")
+        if a.mask.ne[0] != 1 and a.mask.nb[0] != a.mask.dtype.size:
+            raise bad("mask rows must be contiguous")
+    if a.max_bias > 0.0 and a.mask is None:
+        raise bad("max_bias (ALiBi) needs a mask")
+
+
+def _vdims(a: Attn) -> tuple[int, int, int, int]:
+    """v strides (elements): along the head dim, along kv, heads, sequences; and v's ne[2], ne[3]."""
+    nb = elem_strides(a.v)
+    if a.v_transposed:
+        return nb[1], nb[0], nb[2], nb[3]
+    return nb[0], nb[1], nb[2], nb[3]
+
+
+def _common_params(a: Attn, pl: Plan) -> list[tuple[str, str, int | float]]:
+    n_blocks = ceil_div(a.n_kv, pl.kb)
+    n_groups = ceil_div(a.n_q, pl.qr)
+    mne2, mne3 = (int(a.mask.ne[2]), int(a.mask.ne[3])) if a.mask is not None else (1, 1)
+    return [("n_q", "u32", a.n_q), ("n_kv", "u32", a.n_kv), ("n_head", "u32", a.n_head),
+            ("n_seq", "u32", a.n_seq), ("n_blocks", "u32", n_blocks), ("n_groups", "u32", n_groups),
+            ("n_split", "u32", pl.n_split), ("blocks_per_split", "u32", ceil_div(n_blocks, pl.n_split)),
+            ("mask_ne2", "u32", mne2), ("mask_ne3", "u32", mne3)]
+
+
+def _mask_params(a: Attn) -> list[tuple[str, str, int | float]]:
+    if a.mask is None:
+        return []
+    nb = elem_strides(a.mask)
+    return [("mask_offs", "u32", elem_offset(a.mask)), ("mask_nb1", "u32", nb[1]), ("mask_nb2", "u32", nb[2]),
+            ("mask_nb3", "u32", nb[3])]
+
+
+def _render(backend: str, **ctx) -> str:
+    return render(TEMPLATES[backend], backend=backend, **ctx)
+
+
+def _types(backend: str, bindings: list[Binding]) -> list[str]:
+    return [TYPE_NAMES[backend][b.dtype] for b in bindings]
+
+
+def _tag(a: Attn, pl: Plan) -> str:
+    m = "" if a.mask is None else f"_m{a.mask.dtype}"
+    return f"d{a.D}_dv{a.Dv}_k{a.k.dtype}_v{a.v.dtype}{m}_q{pl.qr}_b{pl.kb}"
+
+
+def prepass_kernel(node: Tensor, a: Attn, pl: Plan, backend: str) -> Kernel:
+    """The mask pre-pass: grid (n_blocks, n_groups, m2*m3), ``KB`` threads; writes scratch ``flags``."""
+    assert a.mask is not None
+    bindings = [Binding("mask", a.mask, a.mask.dtype), Binding("flags", None, I32, write=True, scratch="flags")]
+    params = _common_params(a, pl) + _mask_params(a)
+    entry = f"flash_attn_mask_flags_m{a.mask.dtype}_q{pl.qr}_b{pl.kb}"
+    src = _render(backend, kind="prepass", entry=entry, node_name=node.name, bindings=bindings,
+                  elem_types=_types(backend, bindings), params=params, threads=pl.kb, qr=pl.qr, kb=pl.kb,
+                  mask_f16=a.mask.dtype == F16)
+    n_mb = int(a.mask.ne[2] * a.mask.ne[3])
+    grid = (ceil_div(a.n_kv, pl.kb), ceil_div(a.n_q, pl.qr), n_mb)
+    return Kernel(backend, "flash_attn", entry, src, bindings, params, (pl.kb, 1, 1), grid, node,
+                  {"role": "prepass"})
+
+
+def main_kernel(node: Tensor, a: Attn, pl: Plan, backend: str) -> Kernel:
+    """The attention kernel: grid (n_split, n_groups, n_head*n_seq), ``KB`` threads; writes the node
+    (no split) or scratch ``partials`` (split)."""
+    bindings = [Binding("q", a.q, a.q.dtype), Binding("k", a.k, a.k.dtype), Binding("v", a.v, a.v.dtype)]
+    if a.mask is not None:
+        bindings.append(Binding("mask", a.mask, a.mask.dtype))
+    if pl.skip:
+        bindings.append(Binding("flags", None, I32, scratch="flags"))
+    if pl.split:
+        bindings.append(Binding("partials", None, F32, write=True, scratch="partials"))
+    else:
+        bindings.append(Binding("dst", node, F32, write=True))
+    qnb, knb = elem_strides(a.q), elem_strides(a.k)
+    v_sd, v_sj, v_s2, v_s3 = _vdims(a)
+    v_ne2, v_ne3 = (a.v.ne[2], a.v.ne[3])
+    params = _common_params(a, pl) + _mask_params(a)
+    params += [("q_offs", "u32", elem_offset(a.q))] + [(f"q_nb{i}", "u32", qnb[i]) for i in range(4)]
+    params += [("k_offs", "u32", elem_offset(a.k))] + [(f"k_nb{i}", "u32", knb[i]) for i in range(4)]
+    params += [("v_offs", "u32", elem_offset(a.v)), ("v_sd", "u32", v_sd), ("v_sj", "u32", v_sj),
+               ("v_s2", "u32", v_s2), ("v_s3", "u32", v_s3),
+               ("k_r2", "u32", a.n_head // a.k.ne[2]), ("k_r3", "u32", a.n_seq // a.k.ne[3]),
+               ("v_r2", "u32", a.n_head // v_ne2), ("v_r3", "u32", a.n_seq // v_ne3),
+               ("dst_offs", "u32", 0 if pl.split else elem_offset(node)),
+               ("qk_scale", "f32", a.qk_scale), ("softcap", "f32", a.softcap)]
+    params += alibi_params(a.n_head, a.max_bias)
+    nd = ceil_div(a.Dv, pl.kb)
+    entry = (f"flash_attn_{pl.variant}_{_tag(a, pl)}{'_skip' if pl.skip else ''}{'_split' if pl.split else ''}")
+    src = _render(backend, kind="main", entry=entry, node_name=node.name, bindings=bindings,
+                  elem_types=_types(backend, bindings), params=params, threads=pl.kb, qr=pl.qr, kb=pl.kb,
+                  d=a.D, dv=a.Dv, nd=nd, has_mask=a.mask is not None, use_flags=pl.skip, split=pl.split,
+                  variant=pl.variant)
+    grid = (pl.n_split, ceil_div(a.n_q, pl.qr), a.n_head * a.n_seq)
+    return Kernel(backend, "flash_attn", entry, src, bindings, params, (pl.kb, 1, 1), grid, node,
+                  {"role": "attention", "variant": pl.variant, "n_split": pl.n_split, "skip": pl.skip})
+
+
+def reduce_kernel(node: Tensor, a: Attn, pl: Plan, backend: str) -> Kernel:
+    """Combine the split partials: one workgroup of :data:`REDUCE_THREADS` per (row, head, seq)."""
+    bindings = [Binding("partials", None, F32, scratch="partials"), Binding("dst", node, F32, write=True)]
+    params = _common_params(a, pl) + [("dst_offs", "u32", elem_offset(node))]
+    entry = f"flash_attn_reduce_dv{a.Dv}"
+    src = _render(backend, kind="reduce", entry=entry, node_name=node.name, bindings=bindings,
+                  elem_types=_types(backend, bindings), params=params, threads=REDUCE_THREADS, dv=a.Dv)
+    return Kernel(backend, "flash_attn", entry, src, bindings, params, (REDUCE_THREADS, 1, 1),
+                  row_grid(a.n_q * a.n_head * a.n_seq), node, {"role": "reduce"})
+
+
+def emit_flash_attn_seq(node: Tensor, backend: str, *, kv_block: int | None = None, n_split: int | None = None,
+                        skip: bool = True, variant: str | None = None) -> KernelSequence:
+    """The kernel sequence of ``node`` (see the module docstring); keyword arguments as
+    :func:`choose_plan`. Scratch: ``flags`` (i32, n_blocks * n_groups * m2 * m3) with skipping,
+    ``partials`` (f32, n_q * n_head * n_seq * n_split * (Dv + 2)) with a split.
+
+    Raises :class:`CodegenError` for an unsupported head size or dtype, a non-attention node, or a
+    FUSED node whose decomposition is not the attention chain."""
+    a = attn_operands(node)
+    _check(node, a)
+    pl = choose_plan(a, backend, kv_block=kv_block, n_split=n_split, skip=skip, variant=variant)
+    kernels: list[Kernel] = []
+    scratch: list[Scratch] = []
+    if pl.skip:
+        assert a.mask is not None
+        n = ceil_div(a.n_kv, pl.kb) * ceil_div(a.n_q, pl.qr) * int(a.mask.ne[2] * a.mask.ne[3])
+        scratch.append(Scratch("flags", 4 * n))
+        kernels.append(prepass_kernel(node, a, pl, backend))
+    kernels.append(main_kernel(node, a, pl, backend))
+    if pl.split:
+        scratch.append(Scratch("partials", 4 * a.n_q * a.n_head * a.n_seq * pl.n_split * (a.Dv + 2)))
+        kernels.append(reduce_kernel(node, a, pl, backend))
+    return KernelSequence(node, kernels, scratch)
+
+
+@family("flash_attn", ops=("FLASH_ATTN_EXT",))
+def emit_flash_attn(node: Tensor, backend: str) -> Kernel:
+    """Single-kernel form: the attention kernel of :func:`choose_plan`'s variant without the mask
+    pre-pass and without a KV split (it writes the result directly). Shapes: see :class:`Attn`;
+    result f32 ``ne = [Dv, n_head, n_q, n_seq]`` (a FUSED node's own ``ne`` has the same memory
+    order). Raises :class:`CodegenError` as :func:`emit_flash_attn_seq`."""
+    seq = emit_flash_attn_seq(node, backend, n_split=1, skip=False)
+    (k,) = seq.kernels
+    return k
+
+
+@sequence_family("flash_attn")
+def _emit_flash_attn_all(node: Tensor, backend: str) -> KernelSequence:
+    return emit_flash_attn_seq(node, backend)
+
+
+__all__ = ["HEAD_SIZES", "KV_BLOCK", "Attn", "Plan", "attn_operands", "choose_plan", "emit_flash_attn",
+           "emit_flash_attn_seq"]
