@@ -191,7 +191,7 @@ class Pattern:
         fused_op: name of the fused op (``RMS_NORM_MUL``); stored in FUSED params.
         kernel: kernel family used by codegen (``norm_epilogue``).
         leaves: the rewrite arguments (leaf variable names), in order: they become the FUSED
-            node's sources ``src[0..]``.
+            node's sources ``src[0..]`` (for ``rewrite op``: the new op's sources).
         benefit: priority when matches overlap (higher wins); defaults to ``len(nodes)``.
     """
 
@@ -209,6 +209,12 @@ class Pattern:
     leaves: list[str]
     benefit: int | float
     rewrite_pos: Pos = field(default=Pos("<string>", 0, 0))
+    rewrite_kind: str = "fused"
+    """``"fused"`` (``rewrite F(...) kernel k``: the root becomes a FUSED node) or ``"op"``
+    (``rewrite op OP(...) { params }``: the root becomes a plain registry op ``fused_op`` taking the
+    rewrite arguments as sources; ``kernel`` is then that op's default kernel family, for display)."""
+    rewrite_params: dict[str, Any] = field(default_factory=dict)
+    """Op rewrites: parameter name -> literal value or :class:`Capture` (resolved per match)."""
 
     @property
     def root(self) -> PNode:

@@ -259,10 +259,50 @@ def check_pattern(raw: RawPattern, file: str) -> Pattern:
                    f"missing from the rewrite arguments (the fused op must receive every leaf: "
                    f"{', '.join(mb.leaf_order)})", raw.rewrite_op.pos)
     benefit = raw.benefit if raw.benefit is not None else len(mb.nodes)
+    if raw.op_params is not None:
+        kernel, params = _check_op_rewrite(raw, leaves, mb.captures)
+        return Pattern(
+            name=raw.name, file=file, line=raw.pos.line, column=raw.pos.column, nodes=mb.nodes, vars=mb.vars,
+            leaf_vars=mb.leaf_order, captures=mb.captures, where=where, fused_op=raw.rewrite_op.name,
+            kernel=kernel, leaves=leaves, benefit=benefit, rewrite_pos=raw.rewrite_op.pos, rewrite_kind="op",
+            rewrite_params=params)
     return Pattern(
         name=raw.name, file=file, line=raw.pos.line, column=raw.pos.column, nodes=mb.nodes, vars=mb.vars,
         leaf_vars=mb.leaf_order, captures=mb.captures, where=where, fused_op=raw.rewrite_op.name,
         kernel=raw.kernel.name, leaves=leaves, benefit=benefit, rewrite_pos=raw.rewrite_op.pos)
+
+
+def _check_op_rewrite(raw: RawPattern, leaves: list[str], captures: list[str]) -> tuple[str, dict[str, object]]:
+    """Check ``rewrite op OP(args) { params }``: OP is a registry op (not NONE/FUSED), the number of
+    arguments fits its arity, parameter names are its parameters (each once), captures are bound
+    in match. Returns (OP's default kernel family or "", params)."""
+    op = raw.rewrite_op
+    known = sorted(k for k in REGISTRY if k not in ("NONE", "FUSED"))
+    if op.name not in known:
+        raise _err(f"unknown op '{op.name}' in 'rewrite op'{_suggest(op.name, known)} (expected a registry op: "
+                   f"{', '.join(known)})", op.pos)
+    opdef = REGISTRY[op.name]
+    lo, hi = opdef.arity
+    if not lo <= len(leaves) <= hi:
+        want = f"{lo}" if lo == hi else f"{lo} to {hi}"
+        raise _err(f"{op.name} takes {want} source{'s' if hi != 1 else ''} (registry arity), got {len(leaves)}",
+                   op.pos)
+    params: dict[str, object] = {}
+    for key, value, pos in raw.op_params or []:
+        if key not in opdef.params:
+            have = ", ".join(opdef.params) or "none"
+            raise _err(f"{op.name} has no parameter '{key}'{_suggest(key, list(opdef.params))} "
+                       f"(its parameters: {have})", pos)
+        if key in params:
+            raise _err(f"parameter '{key}' is given twice", pos)
+        if isinstance(value, Capture) and value.name not in captures:
+            have = ", ".join(f"${c}" for c in captures) or "none"
+            raise _err(f"unknown capture '${value.name}' (captured in match: {have})", pos)
+        params[key] = value
+    from ..codegen import OP_FAMILY, _load_families  # display only: the op's own kernel family
+
+    _load_families()
+    return OP_FAMILY.get(op.name, ""), params
 
 
 def check_unique(patterns: list[Pattern]) -> None:

@@ -54,6 +54,9 @@ class RawPattern:
     kernel: RawName
     benefit: int | float | None
     benefit_pos: Pos | None = None
+    # ``rewrite op OP(args) { params }`` (a canonicalization to a plain registry op): the parameters
+    # as (name, literal or ast.Capture, position); None for the FUSED form ``rewrite F(args) kernel k``
+    op_params: list[tuple[str, object, Pos]] | None = None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -143,12 +146,23 @@ def _pattern(t: Tree, text: str, file: str) -> RawPattern:
             if isinstance(c, Tree) and c.data == "clause":
                 src = text[c.meta.start_pos:c.meta.end_pos]
                 where.append(WhereClause(_expr(c.children[0], file), " ".join(src.split()), _pos(c, file)))
-    rw = blocks["rewrite_stmt"].children
-    rw_args = [RawName(str(a), _pos(a, file)) for a in rw[1:-1] if a is not None]
     benefit, benefit_pos = None, None
     if "benefit_stmt" in blocks:
         tok = blocks["benefit_stmt"].children[0]
         benefit, benefit_pos = _number(tok), _pos(tok, file)
+    if "rewrite_op_stmt" in blocks:  # rewrite op OP(args) { params }
+        rw = blocks["rewrite_op_stmt"].children
+        op_params: list[tuple[str, object, Pos]] = []
+        rest = list(rw[1:])
+        if rest and isinstance(rest[-1], Tree) and rest[-1].data == "op_params":
+            op_params = [_op_param(p, file) for p in rest.pop().children if p is not None]
+        elif rest and rest[-1] is None:  # absent optional op_params
+            rest.pop()
+        rw_args = [RawName(str(a), _pos(a, file)) for a in rest if a is not None]
+        return RawPattern(str(name_tok), _pos(name_tok, file), assigns, where, RawName(str(rw[0]), _pos(rw[0], file)),
+                          rw_args, None, benefit, benefit_pos, op_params)  # type: ignore[arg-type]
+    rw = blocks["rewrite_stmt"].children
+    rw_args = [RawName(str(a), _pos(a, file)) for a in rw[1:-1] if a is not None]
     return RawPattern(str(name_tok), _pos(name_tok, file), assigns, where, RawName(str(rw[0]), _pos(rw[0], file)),
                       rw_args, RawName(str(rw[-1]), _pos(rw[-1], file)), benefit, benefit_pos)
 

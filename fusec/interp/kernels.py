@@ -110,6 +110,34 @@ def _glu(act: Callable[[Arr], Arr]) -> Callable[[Tensor, Srcs], Arr]:
 # row ops (reduce over ne[0], the last numpy axis)
 
 
+def rsqrt_f32(x: Arr) -> Arr:
+    """``1/sqrt(x)`` in float32 (fusec's RSQRT; ggml has no such op: torch.rsqrt semantics,
+    the same ``1/sqrtf`` formula as ggml_compute_forward_rms_norm_f32's scale)."""
+    return F32(1) / np.sqrt(x)
+
+
+def sum_rows(node: Tensor, srcs: Srcs) -> Arr:
+    """Row sums over ``ne[0]`` (ggml_compute_forward_sum_rows_f32: ``ggml_vec_sum_f32`` accumulates
+    in ``ggml_float`` = float64, stored as float32): ``ne = [n, r1, r2, r3]`` -> ``[1, r1, r2, r3]``."""
+    x = f32(srcs[0])
+    return np.sum(x, axis=-1, keepdims=True, dtype=np.float64).astype(F32)
+
+
+def mean(node: Tensor, srcs: Srcs) -> Arr:
+    """Row means over ``ne[0]`` (ggml_compute_forward_mean_f32: the float64 row sum rounded to float32,
+    then divided by ``(float) ne00`` in float32): ``ne = [n, r1, r2, r3]`` -> ``[1, r1, r2, r3]``."""
+    x = f32(srcs[0])
+    return sum_rows(node, srcs) / F32(x.shape[-1])
+
+
+def concat(node: Tensor, srcs: Srcs) -> Arr:
+    """``src0`` then ``src1`` along ggml dimension ``params["dim"]`` (ggml_compute_forward_concat;
+    numpy axis ``3 - dim``); values keep their dtype (i32 stays i32, floats become float32)."""
+    a, b = np.asarray(srcs[0]), np.asarray(srcs[1])
+    out = np.concatenate([a, b], axis=3 - int(node.params["dim"]))
+    return out if out.dtype == np.int32 else f32(out)
+
+
 def rms_norm(node: Tensor, srcs: Srcs) -> Arr:
     """``x / sqrt(mean(x^2) + eps)`` per row (ggml_compute_forward_rms_norm_f32: the sum of squares
     in float64, ``scale = 1/sqrtf(mean + eps)`` in float32)."""
@@ -303,6 +331,12 @@ COMPUTE: dict[str, Callable[[Tensor, Srcs], Arr]] = {
     "GELU": _unary(gelu_f32),
     "TANH": _unary(np.tanh),
     "SIGMOID": _unary(sigmoid_f32),
+    "SQR": _unary(lambda x: x * x),
+    "SQRT": _unary(np.sqrt),
+    "RSQRT": _unary(rsqrt_f32),
+    "MEAN": mean,
+    "SUM_ROWS": sum_rows,
+    "CONCAT": concat,
     "SWIGLU": _glu(silu_f32),
     "GEGLU": _glu(gelu_f32),
     "RMS_NORM": rms_norm,

@@ -125,6 +125,31 @@ class GraphBuilder:
     def sigmoid(self, a, name=None):
         return self.op("SIGMOID", [a], name=name)
 
+    def sqr(self, a, name=None):
+        """``x*x`` element-wise (ggml_sqr); f32/f16, same ``ne``."""
+        return self.op("SQR", [a], name=name)
+
+    def sqrt(self, a, name=None):
+        """``sqrt(x)`` element-wise (ggml_sqrt); f32/f16, same ``ne``."""
+        return self.op("SQRT", [a], name=name)
+
+    def rsqrt(self, a, name=None):
+        """``1/sqrt(x)`` element-wise (fusec extension, torch.rsqrt); f32/f16, same ``ne``."""
+        return self.op("RSQRT", [a], name=name)
+
+    def mean(self, a, name=None):
+        """Row mean over ``ne[0]`` (ggml_mean): ``ne = [n, r1, r2, r3]`` -> f32 ``[1, r1, r2, r3]``."""
+        return self.op("MEAN", [a], name=name)
+
+    def sum_rows(self, a, name=None):
+        """Row sum over ``ne[0]`` (ggml_sum_rows): ``ne = [n, r1, r2, r3]`` -> f32 ``[1, r1, r2, r3]``."""
+        return self.op("SUM_ROWS", [a], name=name)
+
+    def concat(self, a, b, dim: int, name=None):
+        """``a`` then ``b`` along ggml dimension ``dim`` (0 = ne[0], innermost; ggml_concat); same dtype,
+        every other ``ne`` equal."""
+        return self.op("CONCAT", [a, b], {"dim": int(dim)}, name=name)
+
     def swiglu(self, a, b=None, name=None):
         """``silu(a) * b`` (ggml_swiglu_split), or on the two halves of ``a`` when ``b`` is None."""
         return self.op("SWIGLU", [a, b], name=name)

@@ -111,6 +111,29 @@ def _row(srcs, params) -> Layout:
     return Layout(a.dtype, a.ne)
 
 
+def _reduce_rows(srcs, params) -> Layout:
+    """ggml_mean / ggml_sum_rows: src f32/f16 ``ne = [n, r1, r2, r3]`` (any strides) ->
+    ``ne = [1, r1, r2, r3]`` (one value per row over ``ne[0]``); f32 result (ggml_mean creates an f32
+    tensor; fusec keeps SUM_ROWS f32 too, its row sums are accumulated in f32 registers or wider)."""
+    a = srcs[0]
+    _float(a, "src[0]")
+    return Layout(F32, (1, a.ne[1], a.ne[2], a.ne[3]))
+
+
+def _concat(srcs, params) -> Layout:
+    """ggml_concat(a, b, dim): same dtype, every ``ne[i]`` equal except ``ne[dim]``, which adds up
+    (``dim`` in 0..3, ggml order)."""
+    a, b = srcs
+    dim = int(params["dim"])
+    _need(0 <= dim < 4, f"concat dim must be 0..3 (ggml order), got {dim}", "params")
+    _need(a.dtype == b.dtype, f"src[0] and src[1] dtypes differ: {a.dtype} vs {b.dtype}")
+    _need(all(a.ne[i] == b.ne[i] for i in range(4) if i != dim),
+          f"src[0] ne={list(a.ne)} and src[1] ne={list(b.ne)} differ outside dim {dim}")
+    ne = list(a.ne)
+    ne[dim] += b.ne[dim]
+    return Layout(a.dtype, tuple(ne))
+
+
 def _soft_max(srcs, params) -> Layout:
     a = srcs[0]
     mask = srcs[1] if len(srcs) > 1 else None
@@ -280,6 +303,12 @@ for _op in [
     OpDef("GELU", (1, 1), "unary", _same_type, "ggml_gelu (GGML_UNARY_OP_GELU, tanh approximation)"),
     OpDef("TANH", (1, 1), "unary", _same_type, "ggml_tanh (GGML_UNARY_OP_TANH)"),
     OpDef("SIGMOID", (1, 1), "unary", _same_type, "ggml_sigmoid (GGML_UNARY_OP_SIGMOID)"),
+    OpDef("SQR", (1, 1), "unary", _same_type, "ggml_sqr (GGML_OP_SQR): x*x"),
+    OpDef("SQRT", (1, 1), "unary", _same_type, "ggml_sqrt (GGML_OP_SQRT)"),
+    OpDef("RSQRT", (1, 1), "unary", _same_type, "fusec extension (ggml has no RSQRT): 1/sqrt(x), as torch.rsqrt"),
+    OpDef("MEAN", (1, 1), "reduce", _reduce_rows, "ggml_mean (GGML_OP_MEAN): row mean over ne[0]"),
+    OpDef("SUM_ROWS", (1, 1), "reduce", _reduce_rows, "ggml_sum_rows (GGML_OP_SUM_ROWS): row sum over ne[0]"),
+    OpDef("CONCAT", (2, 2), "copy", _concat, "ggml_concat (GGML_OP_CONCAT)", params={"dim": 0}),
     OpDef("SWIGLU", (1, 2), "glu", _glu, "ggml_swiglu / ggml_swiglu_split (GGML_GLU_OP_SWIGLU)"),
     OpDef("GEGLU", (1, 2), "glu", _glu, "ggml_geglu / ggml_geglu_split (GGML_GLU_OP_GEGLU)"),
     OpDef("RMS_NORM", (1, 1), "row", _row, "ggml_rms_norm", params={"eps": 1e-6}),

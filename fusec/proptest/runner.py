@@ -40,7 +40,12 @@ def check_positive(p: Pattern, case: Case, runner) -> None:
         raise PropertyFailure(f"expected exactly one fusion at root {r.root.name!r}, got "
                               f"{[a.root for a in applied]}" + (f" ({why})" if why else ""))
     fused = [t for t in g2.nodes if t.op == "FUSED"]
-    if len(fused) != 1 or fused[0].name != r.root.name:
+    if p.rewrite_kind == "op":  # `rewrite op`: the root became a plain registry op, no FUSED node
+        root = g2.by_name(r.root.name)
+        if fused or root.op != p.fused_op:
+            raise PropertyFailure(f"rewritten root {r.root.name!r} is {root.op} with FUSED nodes "
+                                  f"{[t.name for t in fused]}, expected a plain {p.fused_op}")
+    elif len(fused) != 1 or fused[0].name != r.root.name:
         raise PropertyFailure(f"rewritten graph has FUSED nodes {[t.name for t in fused]}, expected "
                               f"[{r.root.name!r}]")
     try:

@@ -5,10 +5,11 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from ..dsl.ast import Pattern
+from ..dsl.ast import Capture, Pattern
 from ..dsl.checker import check_unique
 from ..ir.builder import GraphBuilder
 from ..ir.graph import Graph
+from ..ir.ops import REGISTRY, OpCheckError
 from ..ir.tensor import Tensor
 from .clone import clone_graph, copy_tensor
 from .fuse import make_fused_node
@@ -60,6 +61,37 @@ def fused_params(m: MatchResult) -> dict:
     return {"pattern": p.name, "kernel": p.kernel, "fused_op": p.fused_op, **m.captures}
 
 
+def op_rewrite_params(m: MatchResult) -> dict:
+    """Params of the op a ``rewrite op`` match produces: the pattern's literals, captures resolved."""
+    return {k: (m.captures[v.name] if isinstance(v, Capture) else v) for k, v in m.pattern.rewrite_params.items()}
+
+
+def check_op_rewrite(m: MatchResult) -> NoMatch | None:
+    """Whether a ``rewrite op`` match may replace its root: the registry's shape/dtype inference must
+    accept the new op on the bound sources and give exactly the root's dtype and ``ne`` (a value of its
+    own, not a view). Returns a ``where``-kind :class:`NoMatch` (reported as "why not fused?") or None."""
+    p = m.pattern
+    opdef = REGISTRY[p.fused_op]
+    srcs = [m.bindings[v] for v in p.leaves]
+    params = {**opdef.params, **op_rewrite_params(m)}
+    call = f"rewrite op {p.fused_op}({', '.join(p.leaves)})"
+    try:
+        lay = opdef.infer(srcs, params)
+    except OpCheckError as e:
+        why = f"{call} is invalid here: {e}"
+    except (KeyError, TypeError, ValueError) as e:
+        why = f"{call} has bad params: {e}"
+    else:
+        if lay.view_of is not None:
+            why = f"{call} would alias another tensor's memory"
+        elif (lay.dtype, tuple(lay.ne)) != (m.root.dtype, tuple(m.root.ne)):
+            why = (f"{call} gives {lay.dtype} ne={list(lay.ne)}, the root '{m.root.name}' is {m.root.dtype} "
+                   f"ne={list(m.root.ne)}")
+        else:
+            return None
+    return NoMatch(p.name, m.root.name, "where", why, p.file, p.rewrite_pos.line, m.root)
+
+
 def apply_matches(g: Graph, accepted: Sequence[MatchResult]) -> Graph:
     """A new graph where each accepted (pairwise disjoint) match is one FUSED node taking its
     root's name and flags; users of the root and graph outputs refer to the FUSED node."""
@@ -73,6 +105,12 @@ def apply_matches(g: Graph, accepted: Sequence[MatchResult]) -> Graph:
         m = roots.get(id(t))
         if m is None:
             mapping[id(t)] = copy_tensor(b, t, [None if s is None else mapping[id(s)] for s in t.src])
+            continue
+        if m.pattern.rewrite_kind == "op":  # a canonicalization: the root becomes a plain registry op
+            srcs = [mapping[id(m.bindings[v])] for v in m.pattern.leaves]
+            node = b.op(m.pattern.fused_op, srcs, op_rewrite_params(m), name=t.name)
+            node.flags |= t.flags
+            mapping[id(t)] = node
             continue
         fused = make_fused_node(b, decomposition(m), [mapping[id(s)] for s in m.sources], fused_params(m), t.name)
         fused.flags |= t.flags
@@ -107,6 +145,9 @@ def rewrite(graph: Graph, patterns: Sequence[Pattern], max_iters: int = 16) -> t
     for rnd in range(1, max_iters + 1):
         index = GraphIndex.of(g)
         found, failed = find_matches(g, pats, index)
+        bad = {id(m): check_op_rewrite(m) for m in found if m.pattern.rewrite_kind == "op"}
+        failed += [nm for nm in bad.values() if nm is not None]
+        found = [m for m in found if bad.get(id(m)) is None]
         accepted, lost = select(found, index)
         for f in sorted(failed + lost, key=lambda f: (index.topo[id(f.node)], f.pattern)):
             failures.append(NotFused(f.pattern, f.root, f.kind, f.reason, f.file, f.line, rnd))

@@ -1,4 +1,4 @@
-"""``unary`` family: SCALE and the activations SILU, GELU, TANH, SIGMOID."""
+"""``unary`` family: SCALE and the activations SILU, GELU, TANH, SIGMOID, SQR, SQRT, RSQRT."""
 
 from __future__ import annotations
 
@@ -7,7 +7,8 @@ from .. import family
 from ..kernel import Binding, Kernel
 from .elementwise import Operand, emit_map
 
-ACTIVATION = {"SILU": "silu", "GELU": "gelu", "TANH": "tanh", "SIGMOID": "sigmoid"}
+ACTIVATION = {"SILU": "silu", "GELU": "gelu", "TANH": "tanh", "SIGMOID": "sigmoid", "SQR": "sqr", "SQRT": "sqrt",
+              "RSQRT": "rsqrt"}
 """Device helper ``op_<name>`` of each activation op (``templates/common/elementwise.j2::act_fn``)."""
 
 
@@ -18,7 +19,9 @@ def emit_unary(node: Tensor, backend: str) -> Kernel:
     Ops (ggml semantics, f32 arithmetic): SCALE ``x*s + b`` (ggml_scale / ggml_scale_bias; ``s``,
     ``b`` are f32 parameters), SILU ``x/(1+exp(-x))`` (ggml_silu_f32), GELU
     ``0.5x(1+tanh(sqrt(2/pi)·x·(1+0.044715x²)))`` (ggml_gelu_f32, tanh approximation), TANH,
-    SIGMOID ``1/(1+exp(-x))``.
+    SIGMOID ``1/(1+exp(-x))``, SQR ``x*x`` (ggml_sqr), SQRT (ggml_sqrt), RSQRT ``1/sqrt(x)`` (fusec
+    extension, torch.rsqrt; a sqrt and a division, never a fast inverse sqrt: exact-rounding on CUDA and
+    numpy, within WGSL/MSL's few-ulp sqrt and division accuracy elsewhere).
 
     Shapes: ``src0`` any ``ne`` (ggml order) and strides (a view), f32 or f16; ``dst`` contiguous,
     same ``ne`` and dtype. One thread per element, or 4 per thread (``_v4``) when ``ne0 % 4 == 0``
