@@ -335,6 +335,43 @@ def cmd_test(args) -> int:
     return 0 if ok else 1
 
 
+# -- import --------------------------------------------------------------------------------------
+
+
+def cmd_import(args) -> int:
+    """``fusec import model.pt2 -o graph.json``: a torch.export program -> a fusec JSON graph and its
+    weights (``.npz``, keyed by leaf name; default: next to the graph, ``<stem>.weights.npz``)."""
+    from collections import Counter
+
+    import numpy as np
+
+    from .frontends.torch import from_exported_program, load_exported_program
+    from .ir import dumps
+
+    src = Path(args.program)
+    if not src.is_file():
+        raise UsageError(f"no such file: {src}")
+    graph, weights = from_exported_program(load_exported_program(str(src)))
+    out = Path(args.output)
+    wpath = Path(args.weights) if args.weights else out.with_name(f"{out.stem}.weights.npz")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    tmp.write_text(dumps(graph), encoding="utf-8")
+    os.replace(tmp, out)
+    wpath.parent.mkdir(parents=True, exist_ok=True)
+    wtmp = wpath.with_name(f".{wpath.stem}.tmp-{os.getpid()}.npz")
+    np.savez(wtmp, **weights)
+    os.replace(wtmp, wpath)
+    ops = Counter(t.op for t in graph.ops)
+    inputs = [f"{t.name} {t.dtype} ne={list(t.ne)}" for t in graph.leaves if "input" in t.flags]
+    console = _console()
+    console.print(f"{src}: {len(graph.ops)} ops ({', '.join(f'{k} {v}' for k, v in ops.most_common())})")
+    console.print(f"inputs: {'; '.join(inputs) or 'none'}; {len(weights)} weights "
+                  f"({sum(a.nbytes for a in weights.values()):,} bytes)")
+    console.print(f"wrote {out} and {wpath}")
+    return 0
+
+
 # -- bench ---------------------------------------------------------------------------------------
 
 
@@ -398,6 +435,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--examples", type=int, default=50)
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(fn=cmd_test)
+
+    p = sub.add_parser("import", help="import a torch.export program (.pt2) as a fusec JSON graph + weights")
+    p.add_argument("program", help="a file written by torch.export.save")
+    p.add_argument("-o", "--output", required=True, help="the JSON graph to write (e.g. graph.json)")
+    p.add_argument("--weights", help="the weights .npz to write (default: <output stem>.weights.npz)")
+    p.set_defaults(fn=cmd_import)
 
     p = sub.add_parser("bench", help="check and time the fused RMS_NORM kernels against their peers (issue 3)")
     p.add_argument("--backend", default="cuda", choices=["cuda", "wgpu", "numpy", "all"],
