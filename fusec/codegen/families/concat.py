@@ -31,7 +31,8 @@ def emit_concat(node: Tensor, backend: str) -> Kernel:
     dim = int(node.params["dim"])
     bindings = [Binding("src0", a, a.dtype), Binding("src1", b, b.dtype), Binding("dst", node, node.dtype, write=True)]
     params = [("n", "u32", node.nelements)] + [(f"dst_ne{i}", "u32", int(v)) for i, v in enumerate(node.ne)]
-    params += [(f"a_ne{dim}", "u32", int(a.ne[dim]))] + layout_params("a", a, ne=False) + layout_params("b", b, ne=False)
+    params += [(f"a_ne{dim}", "u32", int(a.ne[dim]))]
+    params += layout_params("a", a, ne=False) + layout_params("b", b, ne=False)
     entry = f"concat_{node.dtype}_dim{dim}"
     source = _render("concat", backend, node, entry=entry, op="CONCAT", dim=dim,
                      bindings=_binding_ctx(bindings, backend, False),
