@@ -422,3 +422,18 @@ def test_cli_import_errors_exit_2(tmp_path, capsys):
     assert main(["import", str(bad), "-o", str(tmp_path / "g.json")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("fusec: error: cannot load")
+
+
+def test_torch_fuse_is_shipped_and_checks(capsys):
+    from fusec.cli import main
+    from fusec.resources import patterns_dir
+
+    pats = {p.name: p for p in default_patterns() if p.file == "patterns/torch.fuse"}
+    assert set(pats) == {"rms_norm_decomposed", "soft_max_scale_mask", "soft_max_mask", "soft_max_scale",
+                         "swiglu_decomposed"}
+    assert all(p.rewrite_kind == "op" for p in pats.values())
+    assert [(p.fused_op, p.kernel) for p in pats.values()] == [
+        ("RMS_NORM", "norm_epilogue"), ("SOFT_MAX", "soft_max"), ("SOFT_MAX", "soft_max"), ("SOFT_MAX", "soft_max"),
+        ("SWIGLU", "glu")]
+    assert main(["check", str(patterns_dir() / "torch.fuse")]) == 0
+    assert "5 pattern(s) ok" in capsys.readouterr().out
