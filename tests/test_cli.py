@@ -92,8 +92,13 @@ def test_compile_llama_3_2_1b_reports_33_rms_norm_fusions(tmp_path):
     assert "all pass the MSL syntax check" in r.stdout
     graph = json.loads((out / "graph.json").read_text())
     # 33 RMS_NORM->MUL + 16 gate/up->SWIGLU + 32 MUL_MAT->ADD (the two residual adds of each layer)
+    # + 16 attentions (MUL_MAT -> SOFT_MAX -> MUL_MAT -> PERMUTE -> CONT, one per layer)
     assert stats["ffn_up_gate_swiglu"]["matches"] == 16 and stats["mul_mat_add"]["matches"] == 32
-    assert sum(n["op"] == "FUSED" for n in graph["nodes"]) == 33 + 16 + 32
+    assert stats["attention_flash"]["matches"] == 16
+    assert sorted(a["root"] for a in stats["attention_flash"]["applied"]) == sorted(f"kqv_out-{i}" for i in range(16))
+    assert sum(n["op"] == "FUSED" for n in graph["nodes"]) == 33 + 16 + 32 + 16
+    for target, ext in (("wgsl", "wgsl"), ("cuda", "cu"), ("msl", "metal")):
+        assert any(f.name.startswith("flash_attn_vec_d64_") for f in (out / "kernels" / target).glob(f"*.{ext}"))
 
 
 @requires_wgpu
@@ -102,8 +107,9 @@ def test_run_smollm2_on_wgpu_verifies_against_unfused_interpreter():
     assert r.returncode == 0, r.stdout + r.stderr
     assert "verify: ok (4 steps" in r.stdout
     # RMS_NORM->MUL: 2 per layer x 30 layers + result_norm = 61; gate/up->SWIGLU: 30; MUL_MAT->ADD (the
-    # residual adds attn_out + inp_sa and ffn_out + ffn_inp, decode has one token): 2 x 30 = 60
-    assert "fusions per step: 151" in r.stdout
+    # residual adds attn_out + inp_sa and ffn_out + ffn_inp, decode has one token): 2 x 30 = 60;
+    # attention (head size 64) -> flash_attn: 30
+    assert "fusions per step: 181" in r.stdout
 
 
 def test_run_verify_fails_loudly_on_mismatch(monkeypatch, capsys):
