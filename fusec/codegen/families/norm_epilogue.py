@@ -168,9 +168,11 @@ def tune(node: Tensor, p: NormPlan, backend: str, vpt: int = VECS_PER_THREAD) ->
     Longer rows are streamed (one pass over memory per reduction plus one for the output)."""
     tensors = [node.src[i] for i in p.inputs] + [node]
     vec = 1
-    if backend == "cuda" and all(t.dtype.size == 2 for t in tensors) and all(_vec_ok(t, 8) for t in tensors):
-        vec = 8
+    if backend in ("cuda", "wgsl") and all(t.dtype.size == 2 for t in tensors) and all(_vec_ok(t, 8) for t in tensors):
+        vec = 8  # WGSL: vec4<u32> words of two halves (16-byte loads; see WGSL_OPTS)
     elif all(_vec_ok(t, 4) for t in tensors):
+        vec = 4
+    if backend == "wgsl" and vec == 8 and not WGSL_OPTS["f16x8"]:
         vec = 4
     nvec = -(-node.src[p.x].ne[0] // vec)
     esize = node.src[p.x].dtype.size
@@ -197,9 +199,33 @@ def _entry(p: NormPlan, bindings: list[Binding], tu: Tuning) -> str:
     return name + (f"_k{tu.slots}" if tu.slots else "_stream")
 
 
-def _grid(nwg: int) -> tuple[int, int, int]:
-    gx = min(nwg, MAX_GRID)
+def _grid(nwg: int, balanced: bool = False) -> tuple[int, int, int]:
+    """2-D grid of at least ``nwg`` workgroups, x at most ``MAX_GRID``. ``balanced`` (WGSL): x is
+    ``ceil(nwg / ceil(nwg / MAX_GRID))``, so that fewer than y workgroups are idle (65536 rows in
+    one-row workgroups: 2 x 32768 rather than 2 x 65535, half of them running empty)."""
+    if balanced:
+        gx = -(-nwg // -(-nwg // MAX_GRID))
+    else:
+        gx = min(nwg, MAX_GRID)
     return (gx, -(-nwg // gx), 1)
+
+
+WGSL_OPTS = {
+    "f16x8": True,  # all-f16 rows as vec4<u32> (8 halves, 16-byte loads) instead of vec4<f16>
+    "reduce": "tree",  # row sum: "tree" (log2(TPR) barriers), "two" (two-level), "subgroup" (needs the feature)
+    "prefetch_floats": 0,  # operands loaded together with x when K * V * (1 + operands) <= this (0: never)
+    "balanced_grid": True,
+}
+"""WGSL code-generation choices (benchmarks compare variants by changing them)."""
+
+
+def _wgsl_context(p: NormPlan, tu: Tuning, prefetch: bool) -> dict:
+    """WGSL-only template variables: ``RED`` (row-sum method), ``PF`` (operands of a resident row
+    loaded with x, when their registers fit ``WGSL_OPTS["prefetch_floats"]``)."""
+    nops = len({s.operand for s in p.steps})
+    pf = (prefetch and tu.slots > 0 and nops > 0
+          and tu.slots * tu.vec * (1 + nops) <= WGSL_OPTS["prefetch_floats"])
+    return {"RED": WGSL_OPTS["reduce"], "PF": pf}
 
 
 @family("norm_epilogue", ops=NORM_OPS)
@@ -232,7 +258,8 @@ def build(node: Tensor, backend: str, tuning: Tuning | None = None, *, prefetch:
     bindings = [Binding(f"src{i}", node.src[i], node.src[i].dtype) for i in p.inputs]
     bindings.append(Binding("dst", node, node.dtype, write=True))
     nrows = x.ne[1] * x.ne[2] * x.ne[3]
-    grid = _grid(-(-nrows // tu.rows))
+    wgsl = backend == "wgsl"
+    grid = _grid(-(-nrows // tu.rows), balanced=wgsl and WGSL_OPTS["balanced_grid"])
     params = []
     for i in p.inputs:
         params += layout_params(f"src{i}", node.src[i])
@@ -249,6 +276,7 @@ def build(node: Tensor, backend: str, tuning: Tuning | None = None, *, prefetch:
         operands=[f"src{i}" for i in sorted({s.operand for s in p.steps})],
         bindings=bindings, types={b.name: types[b.dtype] for b in bindings}, params=params,
         V=tu.vec, TPR=tu.tpr, R=tu.rows, K=tu.slots, SIMD=SIMD, PREFETCH=prefetch, PBP=params_by_pointer,
+        **(_wgsl_context(p, tu, prefetch) if wgsl else {}),
     )
     return Kernel(backend, "norm_epilogue", entry, source, bindings, params, (tu.workgroup, 1, 1), grid, node,
                   meta={"plan": p, "tuning": tu, "params_by_pointer": params_by_pointer})
