@@ -516,3 +516,14 @@ def test_near_miss_wrong_permutation_and_softcap_bias():
     o2 = b.cont(b.permute(b.mul_mat(v, b.soft_max_ext(sc, None, scale=0.1)), 0, 2, 1, 3), name="o2")
     fused, rep = rewrite(b.build([o1, o2]), ATTN)
     assert rep.total_matches == 0
+
+
+def test_attention_patterns_load():
+    """The four shipped attention patterns (tests/test_dsl.py pins the other shipped files)."""
+    pats = {p.name: p for p in default_patterns() if p.file == "patterns/attention.fuse"}
+    assert set(pats) == {"attention_flash", "attention_flash_nomask", "attention_flash_softcap",
+                         "attention_flash_softcap_nomask"}
+    assert {(p.kernel, p.fused_op) for p in pats.values()} == {("flash_attn", "FLASH_ATTN_EXT")}
+    assert pats["attention_flash"].ops == ["MUL_MAT", "SOFT_MAX", "MUL_MAT", "PERMUTE", "CONT"]
+    assert set(pats["attention_flash_softcap"].leaves) == {"q", "k", "v", "mask"}
+    assert set(pats["attention_flash_nomask"].leaves) == {"q", "k", "v"}
