@@ -59,8 +59,11 @@ def _random(rng: np.random.Generator, dtype: str, n: int) -> np.ndarray:
 
 
 def nmse(out: np.ndarray, ref: np.ndarray) -> float:
+    """Normalized MSE; the denominator has a floor of (1e-5)^2 per element, so an output whose
+    reference is all (near) zero -- e.g. GELU far in its negative tail, where the f32 reference's
+    1 + tanh(z) cancels to exactly 0 while the kernel keeps ~1e-9 -- is judged by an absolute error."""
     out, ref = out.astype(np.float64), ref.astype(np.float64)
-    return float(np.sum((out - ref) ** 2) / max(np.sum(ref**2), 1e-30))
+    return float(np.sum((out - ref) ** 2) / max(np.sum(ref**2), ref.size * 1e-10))
 
 
 def ne_strategy(max_dims: int = 4, max_elems: int = 6000):

@@ -98,12 +98,31 @@ class RowKernelBackend(Backend):
 # -- the shipped patterns pass -----------------------------------------------------------------------
 
 
+# The generator cannot build the attention patterns' inputs yet (PERMUTE/VIEW leaves, head sizes from
+# `ne(v, i) in [...]`): they are covered by tests/test_flash_attn.py, and the limitation is pinned below.
+UNGENERATABLE = "patterns/attention.fuse"
+
+
+def generatable_patterns():
+    return [p for p in default_patterns() if p.file != UNGENERATABLE]
+
+
+def test_attention_patterns_are_reported_as_not_generatable():
+    """Pins the documented limitation: `fusec test patterns/attention.fuse` fails loudly ("no example
+    could be generated") instead of passing vacuously."""
+    con, buf = _console()
+    att = [p for p in default_patterns() if p.file == UNGENERATABLE]
+    assert att and run_pattern_tests(att, backend="numpy", examples=3, seed=0, console=con) is False
+    assert "no example could be generated" in buf.getvalue()
+
+
 def test_shipped_patterns_pass_on_numpy():
     con, buf = _console()
-    assert run_pattern_tests(default_patterns(), backend="numpy", examples=10, seed=0, console=con) is True
+    pats = generatable_patterns()
+    assert run_pattern_tests(pats, backend="numpy", examples=10, seed=0, console=con) is True
     lines = buf.getvalue().splitlines()
-    assert len(lines) == len(default_patterns())
-    for p, line in zip(default_patterns(), lines, strict=True):
+    assert len(lines) == len(pats)
+    for p, line in zip(pats, lines, strict=True):
         assert line.startswith(f"ok {p.name} ")
         assert "10 positive example(s)" in line
         kinds = near_miss_kinds(p, analyze(p))  # the norm patterns have all 4; gemv.fuse's have 3
@@ -124,7 +143,7 @@ def test_shipped_patterns_pass_on_wgpu():
     if not wgpu_runtime.available():
         pytest.skip("no wgpu adapter")
     con, buf = _console()
-    assert run_pattern_tests(default_patterns(), backend="wgpu", examples=8, console=con), buf.getvalue()
+    assert run_pattern_tests(generatable_patterns(), backend="wgpu", examples=8, console=con), buf.getvalue()
 
 
 # -- the suite can fail ------------------------------------------------------------------------------
@@ -309,7 +328,8 @@ pattern softmax_only {
 def test_cli_test_command(tmp_path):
     from fusec.resources import patterns_dir
 
-    assert main(["test", str(patterns_dir()), "--examples", "4", "--seed", "1"]) == 0
+    files = [str(f) for f in sorted(patterns_dir().glob("*.fuse")) if f.name != "attention.fuse"]
+    assert main(["test", *files, "--examples", "4", "--seed", "1"]) == 0
     bad = tmp_path / "unreal.fuse"
     bad.write_text("pattern p { match { y = SILU(x) }\n where { ne(x, 0) == 12345\n nrows(x) == 777 }\n"
                    " rewrite S(x) kernel elementwise }\n")
