@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -113,12 +112,14 @@ def main() -> None:
     res = {"copy": {}, "cases": []}
     cb = (8 << 20) if a.small else mw.CEILING_BYTES
     # copy ceiling variants (old = 1 vec4 per thread, grid x = 65535)
-    for name, vpt, old in [] if a.no_copies else [("old_v1", 1, True), ("v1", 1, False), ("v2", 2, False), ("v4", 4, False),
-                           ("v8", 8, False), ("v4b", 4, False), ("v1b", 1, False)]:
+    copies = [("old_v1", 1, True), ("v1", 1, False), ("v2", 2, False), ("v4", 4, False),
+              ("v8", 8, False), ("v4b", 4, False), ("v1b", 1, False)]
+    for name, vpt, old in [] if a.no_copies else copies:
         k = mw.copy_kernel(cb, vpt)
         if old:
             gx = min(-(-k.param("n4") // 256), 65535)
-            grid = (gx, -(-(-(-k.param("n4") // 256)) // gx), 1)
+            n_wg = -(-k.param("n4") // 256)
+            grid = (gx, -(-n_wg // gx), 1)
             k = mw.Kernel("wgsl", "bench_copy", "copy_vec4", mw.copy_wgsl(1), [],
                           [("n4", "u32", k.param("n4")), ("grid_x", "u32", gx)], (256, 1, 1), grid)
         src = rt.storage_buffer(k.param("n4") * 16)
@@ -161,7 +162,8 @@ def main() -> None:
                         cbf.destroy()
                     _, _, node = fused_node(case)
                     nan = None if a.no_big_check else np.full(rows * n, np.nan, npd).tobytes()
-                    sample = np.unique(np.r_[0, 1, rows // 2, rows - 2, rows - 1, np.arange(3, rows, max(1, rows // 64))])
+                    sample = np.unique(np.r_[0, 1, rows // 2, rows - 2, rows - 1,
+                                             np.arange(3, rows, max(1, rows // 64))])
                     for vn in names:
                         var = VARIANTS[vn]
                         try:
@@ -188,7 +190,8 @@ def main() -> None:
                             row[vn] = {"error": str(e)[:300]}
                             print(f"  {case.key} {vn}: ERROR {str(e)[:300]}", flush=True)
                     if names and names[0] in row and "t" in row[names[0]]:
-                        row["repeat_" + names[1 if len(names) > 1 else 0]] = timer(disp)  # spread check: last variant again
+                        # spread check: the last variant again
+                        row["repeat_" + names[1 if len(names) > 1 else 0]] = timer(disp)
                     for bf in bufs.values():
                         if bf is not None:
                             bf.destroy()

@@ -374,4 +374,7 @@ class WgpuMeasurer(Measurer):
         self._extra = []
 
 
-__all__ = ["COPY_VPT", "COPY_WGSL", "copy_wgsl", "EMPTY_WGSL", "WgpuGraphRunner", "WgpuMeasurer", "WgpuTimer", "copy_kernel", "encode_pass"]
+__all__ = [
+    "COPY_VPT", "COPY_WGSL", "copy_wgsl", "EMPTY_WGSL", "WgpuGraphRunner",
+    "WgpuMeasurer", "WgpuTimer", "copy_kernel", "encode_pass",
+]
