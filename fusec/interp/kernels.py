@@ -72,9 +72,12 @@ def silu_f32(x: Arr) -> Arr:
 
 def gelu_f32(x: Arr) -> Arr:
     """``0.5*x*(1 + tanh(sqrt(2/pi)*x*(1 + 0.044715*x^2)))`` (ggml_gelu_f32, the tanh
-    approximation, evaluated exactly in float32; ggml-cpu may instead use its f16 lookup table)."""
-    c = F32(np.sqrt(2.0 / np.pi))
-    return F32(0.5) * x * (F32(1) + np.tanh(c * x * (F32(1) + F32(0.044715) * x * x)))
+    approximation; ggml-cpu may instead use its f16 lookup table). Evaluated in float64 and rounded
+    once to float32: in float32, ``1 + tanh(z)`` cancels for ``x`` below about -4 and loses most of
+    its digits, which would make the reference less accurate than the kernels it judges."""
+    xd = np.asarray(x, dtype=np.float64)
+    c = np.sqrt(2.0 / np.pi)
+    return (0.5 * xd * (1.0 + np.tanh(c * xd * (1.0 + 0.044715 * xd * xd)))).astype(np.float32)
 
 
 def sigmoid_f32(x: Arr) -> Arr:
