@@ -22,18 +22,16 @@ from dataclasses import dataclass
 
 from ...errors import CodegenError
 from ...ir.dtypes import DType
-from ...ir.shape import can_repeat
 from ...ir.tensor import Tensor
 from .. import family
 from ..env import TYPE_NAMES, render
+from ..epilogue import EPILOGUE_OPS, fused_input_index, walk_epilogue
 from ..kernel import Binding, Kernel
 from ..layout import elem_offset, elem_strides, layout_params
 
 TEMPLATES = {"wgsl": "wgsl/gemv_epilogue.wgsl.j2", "cuda": "cuda/gemv_epilogue.cu.j2",
              "msl": "msl/gemv_epilogue.metal.j2"}
 GLU_ACT = {"SWIGLU": "silu", "GEGLU": "gelu"}
-EPILOGUE_OPS = {"MUL": "*", "ADD": "+", "SUB": "-", "DIV": "/"}
-COMMUTATIVE = frozenset({"MUL", "ADD"})
 SIMD = 32  # warp / simdgroup width the CUDA and MSL templates assume
 MAX_GRID = 65535
 MAX_TPR = {"wgsl": 256, "cuda": 256, "msl": 256}
@@ -105,12 +103,6 @@ def _fail(node: Tensor, msg: str) -> CodegenError:
     return CodegenError(f"node {node.name!r}: gemv_epilogue cannot render it: {msg}")
 
 
-def _placeholder(t: Tensor | None) -> int | None:
-    if t is not None and t.is_leaf and "fused_input" in t.params:
-        return int(t.params["fused_input"])
-    return None
-
-
 def plan(node: Tensor) -> GemvPlan:
     """The :class:`GemvPlan` of a FUSED ``gemv_epilogue`` node.
 
@@ -133,7 +125,7 @@ def plan(node: Tensor) -> GemvPlan:
     x_idx = None
     weights = []
     for mm in mms:
-        w, x = _placeholder(mm.src[0]), _placeholder(mm.src[1])
+        w, x = fused_input_index(mm.src[0]), fused_input_index(mm.src[1])
         if w is None or x is None:
             raise _fail(node, f"MUL_MAT ({mm.name!r}) must multiply two fused inputs")
         if x_idx is not None and x != x_idx:
@@ -168,28 +160,11 @@ def plan(node: Tensor) -> GemvPlan:
         glu = g.op
         running = g
         rest = rest[1:]
-    steps = []
-    for t in rest:
-        if t.op not in EPILOGUE_OPS:
-            raise _fail(node, f"{t.op} ({t.name!r}) is not one of {'/'.join(EPILOGUE_OPS)}")
-        a, b = t.src
-        if a is running and b is not running:
-            other = b
-        elif b is running and a is not running and t.op in COMMUTATIVE:
-            other = a
-        else:
-            raise _fail(node, f"{t.op} ({t.name!r}) must combine the previous value with one fused input "
-                              "(as src[0] for SUB/DIV)")
-        idx = _placeholder(other)
-        if idx is None:
-            raise _fail(node, f"{t.op} ({t.name!r}) operand {other!r} is not a fused input")
-        if tuple(t.ne) != tuple(running.ne) or not can_repeat(other.ne, running.ne):
-            raise _fail(node, f"{t.op} ({t.name!r}) operand ne={list(other.ne)} does not broadcast to the output "
-                              f"ne={list(running.ne)}")
+    walked, running = walk_epilogue(rest, running, lambda msg: _fail(node, msg))
+    for op, other in walked:
         if other.dtype not in (DType.F32, DType.F16):
-            raise _fail(node, f"{t.op} ({t.name!r}) operand dtype {other.dtype} is not f32/f16")
-        steps.append(Step(t.op, idx))
-        running = t
+            raise _fail(node, f"{op} operand {other!r} dtype {other.dtype} is not f32/f16")
+    steps = [Step(op, fused_input_index(other)) for op, other in walked]
     if node.decomposition.outputs[0] is not running:
         raise _fail(node, "the decomposition's output is not the end of the MUL_MAT epilogue")
     return GemvPlan(tuple(weights), int(x_idx), glu, tuple(steps))  # type: ignore[arg-type]

@@ -14,18 +14,16 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ...errors import CodegenError
-from ...ir.shape import can_repeat
 from ...ir.tensor import Tensor
 from .. import family
 from ..env import TYPE_NAMES, render
+from ..epilogue import EPILOGUE_OPS, fused_input_index, walk_epilogue
 from ..kernel import Binding, Kernel
 from ..layout import elem_offset, elem_strides, layout_params
 
 TEMPLATES = {"wgsl": "wgsl/norm_epilogue.wgsl.j2", "cuda": "cuda/norm_epilogue.cu.j2",
              "msl": "msl/norm_epilogue.metal.j2"}
 NORM_OPS = ("RMS_NORM", "NORM")
-EPILOGUE_OPS = {"MUL": "*", "ADD": "+", "SUB": "-", "DIV": "/"}
-COMMUTATIVE = frozenset({"MUL", "ADD"})
 MAX_TPR = {"wgsl": 256, "cuda": 1024, "msl": 1024}  # threads per row (workgroup size limit)
 MIN_WG = {"wgsl": 64, "cuda": 128, "msl": 128}
 # preferred largest workgroup for a row that fits in registers: beyond it each thread takes more slots
@@ -113,26 +111,8 @@ def plan(node: Tensor) -> NormPlan:
     xs = norm.src[0]
     if xs is None or not xs.is_leaf or "fused_input" not in xs.params:
         raise _fail(node, f"{norm.op} must read a fused input directly, not {xs!r}")
-    running = norm
-    steps = []
-    for t in ops[1:]:
-        if t.op not in EPILOGUE_OPS:
-            raise _fail(node, f"{t.op} ({t.name!r}) is not one of {'/'.join(EPILOGUE_OPS)}")
-        a, b = t.src
-        if a is running and b is not running:
-            other = b
-        elif b is running and a is not running and t.op in COMMUTATIVE:
-            other = a
-        else:
-            raise _fail(node, f"{t.op} ({t.name!r}) must combine the previous value with one fused input "
-                              f"(as src[0] for SUB/DIV)")
-        if other is None or not other.is_leaf or "fused_input" not in other.params:
-            raise _fail(node, f"{t.op} ({t.name!r}) operand {other!r} is not a fused input")
-        if t.ne != norm.ne or not can_repeat(other.ne, norm.ne):
-            raise _fail(node, f"{t.op} ({t.name!r}) operand ne={list(other.ne)} does not broadcast to the row "
-                              f"ne={list(norm.ne)}")
-        steps.append(EpilogueStep(t.op, int(other.params["fused_input"])))
-        running = t
+    walked, running = walk_epilogue(ops[1:], norm, lambda msg: _fail(node, msg))
+    steps = [EpilogueStep(op, fused_input_index(other)) for op, other in walked]
     if sub.outputs[0] is not running:
         raise _fail(node, "the decomposition's output is not the end of the norm chain")
     return NormPlan(norm.op, int(xs.params["fused_input"]), float(norm.params.get("eps", 0.0)), tuple(steps))
