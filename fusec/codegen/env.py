@@ -29,10 +29,26 @@ PARAM_TYPE_NAMES = {
 }
 
 
+def _bytecode_cache() -> jinja2.BytecodeCache | None:
+    """Jinja's own on-disk cache of compiled templates (in ``$FUSEC_CACHE_DIR/jinja``; keyed by
+    Jinja on the template's name and source checksum), so a new process does not recompile them."""
+    from . import diskcache  # noqa: PLC0415
+
+    if not diskcache.disk_enabled():
+        return None
+    try:
+        d = diskcache.cache_dir() / "jinja"
+        d.mkdir(parents=True, exist_ok=True)
+        return jinja2.FileSystemBytecodeCache(str(d))
+    except OSError:
+        return None
+
+
 @functools.cache
 def environment() -> jinja2.Environment:
     env = jinja2.Environment(
         loader=jinja2.FileSystemLoader(str(templates_dir())),
+        bytecode_cache=_bytecode_cache(),
         undefined=jinja2.StrictUndefined,
         trim_blocks=True,
         lstrip_blocks=True,
