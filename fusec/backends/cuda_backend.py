@@ -3,8 +3,11 @@
 Same structure as :mod:`fusec.backends.wgpu_backend`: persistent leaves (weights, KV caches) are
 CuPy device arrays owned by :class:`CudaBackend`; :meth:`CudaBackend.compile` plans the graph's
 memory (checked with :meth:`~fusec.runtime.plan.BufferPlan.check`), allocates the scratch and input
-buffers, generates and compiles one kernel per computing node and packs each kernel's parameter
-struct once (a numpy structured scalar, passed by value at every launch: no device-memory load of
+buffers, generates and compiles every computing node's :class:`~fusec.codegen.KernelSequence`
+(one kernel for most nodes; for ``flash_attn`` nodes the mask pre-pass, the split-KV attention kernel
+and the split reduction, whose node-private scratch buffers -- ``flags``, ``partials`` -- are
+planned with the graph, ``plan_buffers(graph, scratch=...)``, exactly as the wgpu backend does) and
+packs each kernel's parameter struct once (a numpy structured scalar, passed by value at every launch: no device-memory load of
 the parameters inside the kernels). Every step runs on one stream, so kernels and cuBLAS calls
 execute in graph order: CuPy's current stream, or -- with CUDA graphs on -- the backend's own
 non-blocking stream (:attr:`CudaBackend.stream`; weights, buffers, uploads and read-backs use it too).
@@ -17,7 +20,9 @@ capture on :attr:`CudaBackend.stream`), and every later step replays it: the inp
 the *same* device buffers, then one ``cudaGraphLaunch``. The graph freezes the kernels' by-value
 parameters and every device address; replay needs no re-capture because in fusec's decode graphs all
 per-token data (tokens, positions, KV write indices, mask) are input *buffers*, and shapes are keyed.
-What does invalidate it: a patched dynamic view offset (the graph cache clears ``backend_state``,
+Scratch buffers of kernel sequences are fixed allocations of the plan, so a
+captured graph replays the whole sequence (pre-pass, attention, reduction) without re-capture. What
+does invalidate it: a patched dynamic view offset (the graph cache clears ``backend_state``,
 the next step re-captures) and a stored leaf given new device memory (``set_weights`` with another
 size or dtype bumps a generation counter; a stale graph is re-captured). cuBLAS through CuPy cannot
 be captured: CuPy (14.x) refuses any cuBLAS call on a capturing stream (``NotImplementedError:
@@ -50,7 +55,7 @@ from ..ir.tensor import Tensor
 from ..runtime.plan import BufferPlan, binding_root, plan_buffers
 from . import cuda_runtime as rt
 from .base import Backend, Executable
-from .wgpu_backend import check_inputs, emit_kernel
+from .wgpu_backend import _ScratchRef, check_inputs, emit_kernels
 
 _DTYPES = (np.dtype(np.float32), np.dtype(np.float16), np.dtype(np.int32))
 MATMUL_MODES = ("cublas", "kernel")
@@ -114,10 +119,14 @@ class CudaBackend(Backend):
             weights widened to f32 first) or ``"kernel"`` (fusec's generated ``mul_mat`` kernels:
             matrix-vector for one token, tiled otherwise). ``None``: ``"kernel"`` with graphs (cuBLAS
             through CuPy cannot be captured), ``"cublas"`` without.
+        flash_attn_skip: ``flash_attn`` nodes run the mask pre-pass and skip fully masked KV
+            blocks (the default). ``False`` runs the same sequence without the pre-pass (every block
+            loaded; split and reduction unchanged): for measuring the skipping and testing it.
 
     Attributes:
         use_graphs: whether entries are captured and replayed.
         matmul: ``"cublas"`` or ``"kernel"``.
+        flash_attn_skip: as the argument.
         stream: the ``cupy.cuda.Stream(non_blocking=True)`` everything of this backend runs on with
             graphs on; ``None`` (CuPy's current stream) without.
 
@@ -127,7 +136,8 @@ class CudaBackend(Backend):
 
     name = "cuda"
 
-    def __init__(self, use_graphs: bool | None = None, matmul: str | None = None) -> None:
+    def __init__(self, use_graphs: bool | None = None, matmul: str | None = None,
+                 flash_attn_skip: bool = True) -> None:
         if not rt.available():
             raise BackendError("cuda backend: no CUDA device with CuPy on this machine (pip install 'fusec[cuda]')")
         self._cp = _cupy()
@@ -136,6 +146,7 @@ class CudaBackend(Backend):
         if mm not in MATMUL_MODES:
             raise BackendError(f"cuda backend: matmul must be one of {', '.join(MATMUL_MODES)}, got {matmul!r}")
         self.matmul = mm
+        self.flash_attn_skip = bool(flash_attn_skip)
         self.stream = self._cp.cuda.Stream(non_blocking=True) if self.use_graphs else None
         self._store: dict[str, tuple[object, tuple[int, ...]]] = {}  # name -> (flat device array, shape)
         self._generation = 0  # bumped whenever a stored leaf gets new device memory (addresses change)
@@ -200,14 +211,35 @@ class CudaBackend(Backend):
             return CudaExecutable(self, graph)
 
 
+def _sequence(node: Tensor, flash_attn_skip: bool):
+    """``node``'s :class:`~fusec.codegen.KernelSequence` for CUDA; ``flash_attn`` nodes without the
+    mask pre-pass when ``flash_attn_skip`` is False. Errors: :class:`BackendError` as
+    :func:`~fusec.backends.wgpu_backend.emit_kernels`."""
+    if not flash_attn_skip and (node.op == "FLASH_ATTN_EXT"
+                                or (node.op == "FUSED" and node.params.get("kernel") == "flash_attn")):
+        from ..codegen import _load_families  # noqa: PLC0415
+        from ..codegen.families.flash_attn import emit_flash_attn_seq  # noqa: PLC0415
+        from ..errors import CodegenError  # noqa: PLC0415
+
+        _load_families()
+        try:
+            return emit_flash_attn_seq(node, "cuda", skip=False)
+        except CodegenError as e:
+            raise BackendError(f"no cuda kernel for node '{node.name}' ({node.op}): {e}") from None
+    return emit_kernels(node, "cuda")
+
+
 class CudaExecutable(Executable):
     """A graph compiled for a :class:`CudaBackend`.
 
     Attributes:
         graph: the compiled graph.
         plan: its buffer plan.
-        steps: per computing node, ``("mul_mat", node)`` (cuBLAS) or ``("kernel", kernel)``.
+        steps: in launch order, ``("mul_mat", node)`` (cuBLAS) or ``("kernel", kernel)`` (one per
+            kernel of each node's sequence).
         kernels: the generated kernels in launch order (the index :meth:`patch_params` takes).
+        sequences: per computing node without a cuBLAS step, its
+            :class:`~fusec.codegen.KernelSequence` (kernels and scratch buffers).
         uses_backend_state: True: :meth:`run` accepts the graph cache's per-entry ``backend_state``.
         captures: CUDA graphs captured by this executable (diagnostics).
         last_timing: host seconds of the last :meth:`run`: ``mode`` (``"eager"`` or ``"replay"``),
@@ -224,25 +256,34 @@ class CudaExecutable(Executable):
         cp = backend._cp
         self.backend = backend
         self.graph = graph
-        self.plan: BufferPlan = plan_buffers(graph)
-        self.plan.check()
         self.steps: list[tuple[str, object]] = []
         self.kernels: list = []
-        self._roots: list[list[Tensor]] = []
-        self._param_values = []
+        self.sequences: list = []
         for t in graph.nodes:
             if not needs_kernel(t):
                 continue
             if (backend.matmul == "cublas" and t.op == "MUL_MAT" and t.src[0].dtype in (F32, F16)
                     and t.src[1].dtype == F32):
                 self.steps.append(("mul_mat", t))
+                continue
+            seq = _sequence(t, backend.flash_attn_skip)
+            self.sequences.append(seq)
+            self.steps.extend(("kernel", k) for k in seq.kernels)
+        scratch = {q.node: [(sc.name, sc.nbytes) for sc in q.scratch] for q in self.sequences if q.scratch}
+        self.plan: BufferPlan = plan_buffers(graph, scratch)
+        self.plan.check()
+        self._roots: list[list] = []  # per step: the graph root (or node scratch) of each binding
+        self._param_values = []
+        for what, obj in self.steps:
+            if what == "mul_mat":
                 self._roots.append([])
                 continue
-            k = emit_kernel(t, "cuda")
-            roots = [binding_root(t, b.tensor) for b in k.bindings]
-            self.plan.check_kernel(t, [(r, b.write) for r, b in zip(roots, k.bindings, strict=True)])
+            k = obj
+            roots = [_ScratchRef(k.node, b.scratch) if b.scratch is not None else binding_root(k.node, b.tensor)
+                     for b in k.bindings]
+            self.plan.check_kernel(k.node, [(r, b.write) for r, b in zip(roots, k.bindings, strict=True)
+                                            if b.scratch is None])
             rt.module(k)  # compile now: errors surface at compile time
-            self.steps.append(("kernel", k))
             self.kernels.append(k)
             self._roots.append(roots)
             self._param_values.append(rt.params_value(k))  # passed by value at each launch
@@ -255,9 +296,18 @@ class CudaExecutable(Executable):
         self.captures = 0
         self.last_timing: dict[str, Any] = {}
 
-    def _memory(self, root: Tensor):
+    def _memory(self, root):
+        if isinstance(root, _ScratchRef):
+            return self._buffers[self.plan.scratch_slot(root.node, root.name).index]
         slot = self.plan.slot(root)
         return self.backend.weight_memory(root) if slot.kind == "weight" else self._buffers[slot.index]
+
+    def device_array(self, t: Tensor):
+        """A ``cupy.ndarray`` view (numpy shape ``ne[::-1]``, ``t``'s dtype and strides) of tensor
+        ``t`` of the compiled graph in its planned device memory (a weight: the stored leaf). For
+        benchmarks and tests (e.g. poisoning an output with NaN before a replay). Raises
+        :class:`BackendError` for a tensor the plan does not hold or a weight never stored."""
+        return strided(self.backend._cp, self._memory(t.root), t)
 
     def _bind(self) -> None:
         """Resolve every step's device memory once per weight generation (validates every weight:

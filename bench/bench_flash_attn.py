@@ -1,0 +1,385 @@
+"""Decode flash attention on the GPU machine: fusec's CUDA kernel sequence (mask pre-pass, split-KV
+attention, reduction) with and without masked-block skipping, next to PyTorch and the copy ceiling.
+
+Cases (f16 K/V, 32 query heads, 8 KV heads, head size 128, one query token per sequence):
+
+* ``4seq``: 4 sequences x 8192 cells in a unified 32768-cell KV cache, block-diagonal-causal mask
+  (each query sees exactly its own sequence's 8192 cells). Two fusec layouts of the same computation:
+  ``seq`` -- q ``ne = [128, 1, 32, 4]``, mask ``[32768, 1, 1, 4]`` (one mask batch per sequence, so the
+  pre-pass marks the other sequences' blocks skippable) -- and ``ggml`` -- llama.cpp's ubatch, q
+  ``[128, 4, 32, 1]``, mask ``[32768, 4, 1, 1]`` (the 4 rows share one row group: no block is fully
+  masked for the group, nothing is skipped).
+* ``swa``: one sequence, sliding window 4096 at the end of a 32768-cell context.
+* ``single``: one sequence of 8192 cells in an 8192-cell cache, no mask.
+
+Correctness first: each fusec variant's output is poisoned with NaN, the captured CUDA graph replayed
+and the result compared with a float64 reference computed with CuPy (normalized MSE bound 5e-4, no
+NaN). Then timing with ``triton.testing.do_bench`` (median, L2 flushed between repetitions) of the
+CUDA graph replay (fusec) and of the peers (f16 q, k, v, as PyTorch runs them):
+
+* ``sdpa_masked``: ``F.scaled_dot_product_attention`` over the whole cache with the boolean mask;
+* ``sdpa_own``: SDPA over only each sequence's own cells (one batched call on a strided view of the
+  cache, no mask): the ideal;
+* ``flex``: ``torch.compile(flex_attention)`` with a ``create_block_mask`` block mask (the error is
+  recorded if it fails);
+* ``copy_ideal``: the visible K/V bytes at the device-to-device copy ceiling (1 GiB copy, bytes read
+  + written over time).
+
+GB/s = visible K/V bytes (the cells some query may see, K and V, every KV head) over time; ``% copy``
+= that over the copy ceiling. Results are written to ``--out`` after every case.
+
+Usage: python bench/bench_flash_attn.py [--out results.json] [--dry]
+``--dry`` (no GPU needed) builds every case at a tiny size and checks the reference against fusec's
+interpreter and that the fusec graphs emit their CUDA kernel sequences.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import math
+import platform
+import sys
+import time
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from fusec.ir import GraphBuilder  # noqa: E402
+
+NMSE_BOUND = 5e-4
+D, N_HEAD, N_HEAD_KV = 128, 32, 8
+
+
+@dataclass(frozen=True)
+class Case:
+    """One benchmark case: ``n_seq`` query streams (one token each) over ``n_kv`` cache cells.
+
+    ``kind``: ``multi`` (sequence s owns cells ``[s*n_kv/n_seq, (s+1)*n_kv/n_seq)``), ``swa`` (the
+    last ``window`` cells visible), ``none`` (everything visible, no mask).
+    """
+
+    name: str
+    n_seq: int
+    n_kv: int
+    kind: str
+    window: int = 0
+
+    def visible(self) -> np.ndarray | None:
+        """Bool [n_seq, n_kv]: cell j visible to sequence s; None without a mask."""
+        j = np.arange(self.n_kv)
+        if self.kind == "multi":
+            return (j[None, :] * self.n_seq // self.n_kv) == np.arange(self.n_seq)[:, None]
+        if self.kind == "swa":
+            return np.broadcast_to(j[None, :] >= self.n_kv - self.window, (self.n_seq, self.n_kv)).copy()
+        return None
+
+    def visible_cells(self) -> int:
+        """Cells visible to at least one query (each read once by an ideal kernel)."""
+        vis = self.visible()
+        return self.n_kv if vis is None else int(vis.any(axis=0).sum())
+
+
+def cases(scale: int = 1) -> list[Case]:
+    """The benchmark cases; ``scale`` divides every length (``--dry``)."""
+    return [Case("4seq", 4, 32768 // scale, "multi"), Case("swa", 1, 32768 // scale, "swa", 4096 // scale),
+            Case("single", 1, 8192 // scale, "none")]
+
+
+def kv_bytes(c: Case) -> int:
+    return c.visible_cells() * N_HEAD_KV * D * 2 * 2  # K and V, f16
+
+
+def build(c: Case, layout: str):
+    """fusec graph: FLASH_ATTN_EXT with q an input, k/v/mask weights (stored once on the device).
+    ``layout``: ``seq`` (q ``[D, 1, H, S]``, mask ``[n_kv, 1, 1, S]``) or ``ggml`` (q ``[D, S, H, 1]``,
+    mask ``[n_kv, S, 1, 1]``). Returns (graph, node)."""
+    b = GraphBuilder()
+    S = c.n_seq
+    if layout == "seq":
+        q = b.input("q", "f32", (D, 1, N_HEAD, S))
+        mask = b.weight("mask", "f16", (c.n_kv, 1, 1, S)) if c.kind != "none" else None
+    else:
+        q = b.input("q", "f32", (D, S, N_HEAD, 1))
+        mask = b.weight("mask", "f16", (c.n_kv, S, 1, 1)) if c.kind != "none" else None
+    k = b.weight("k", "f16", (D, c.n_kv, N_HEAD_KV, 1))
+    v = b.weight("v", "f16", (D, c.n_kv, N_HEAD_KV, 1))
+    y = b.flash_attn_ext(q, k, v, mask, scale=1.0 / math.sqrt(D), name="y")
+    return b.build([y]), y
+
+
+def data(c: Case, seed: int = 0) -> dict[str, np.ndarray]:
+    """q f32 [S, H, D]; k, v f16 [H_kv, n_kv, D] (ggml ne [D, n_kv, H_kv]); mask f16 [S, n_kv] (0 / -inf)."""
+    rng = np.random.default_rng(seed)
+    out = {"q": rng.standard_normal((c.n_seq, N_HEAD, D)).astype(np.float32),
+           "k": rng.standard_normal((N_HEAD_KV, c.n_kv, D)).astype(np.float16),
+           "v": rng.standard_normal((N_HEAD_KV, c.n_kv, D)).astype(np.float16)}
+    vis = c.visible()
+    if vis is not None:
+        out["mask"] = np.where(vis, 0.0, -np.inf).astype(np.float16)
+    return out
+
+
+def fusec_inputs(vals: dict[str, np.ndarray], layout: str) -> dict[str, np.ndarray]:
+    q = vals["q"] if layout == "seq" else np.ascontiguousarray(vals["q"].transpose(1, 0, 2))
+    return {"q": q}
+
+
+def reference(xp, vals: dict[str, np.ndarray]):
+    """float64 attention with ``xp`` (numpy or cupy): [S, H, D]; rows with nothing visible are 0."""
+    q = xp.asarray(vals["q"], dtype=xp.float64)
+    k = xp.asarray(vals["k"], dtype=xp.float64)
+    v = xp.asarray(vals["v"], dtype=xp.float64)
+    S, H, _ = q.shape
+    hk = k.shape[0]
+    qg = q.reshape(S, hk, H // hk, D)
+    s = xp.einsum("sgrd,gjd->sgrj", qg, k) / math.sqrt(D)
+    if "mask" in vals:
+        vis = xp.asarray(vals["mask"] == 0)[:, None, None, :]
+        s = xp.where(vis, s, -xp.inf)
+    m = s.max(axis=-1, keepdims=True)
+    m = xp.where(xp.isfinite(m), m, 0.0)
+    p = xp.exp(s - m)
+    den = p.sum(axis=-1, keepdims=True)
+    o = xp.einsum("sgrj,gjd->sgrd", p, v) / xp.where(den == 0, 1.0, den)
+    return o.reshape(S, H, D)
+
+
+def nmse(out, ref) -> float:
+    out, ref = np.asarray(out, np.float64), np.asarray(ref, np.float64)
+    return float(np.sum((out - ref) ** 2) / max(np.sum(ref**2), 1e-300))
+
+
+FUSEC_VARIANTS = [("fusec_skip", "seq", True), ("fusec_noskip", "seq", False), ("fusec_skip_wg1024", "seq", True),
+                  ("fusec_ggml_layout", "ggml", True)]
+
+
+def variants_for(c: Case) -> list[tuple[str, str, bool]]:
+    """fusec variants: default plan with / without skipping; ``_wg1024``: the split heuristic aimed at
+    1024 workgroups instead of ``flash_attn.TARGET_WORKGROUPS`` (a tuning probe); the ggml layout only
+    with several sequences."""
+    return FUSEC_VARIANTS if c.n_seq > 1 else FUSEC_VARIANTS[:3]
+
+
+def _target_workgroups(name: str) -> int:
+    return 1024 if name.endswith("_wg1024") else 128
+
+
+# ---------------------------------------------------------------------------------------------------
+def dry() -> int:
+    """Tiny cases: reference (numpy) vs the interpreter, and the CUDA sequences emit."""
+    from fusec.backends.cuda_backend import _sequence
+    from fusec.codegen.families import flash_attn as fa
+    from fusec.interp import interpret
+
+    ok = True
+    for c in cases(scale=64):
+        vals = data(c, 1)
+        ref = reference(np, vals)
+        for name, layout, skip in variants_for(c):
+            g, y = build(c, layout)
+            feed = dict(fusec_inputs(vals, layout), k=vals["k"], v=vals["v"])
+            if "mask" in vals:
+                feed["mask"] = vals["mask"]
+            got = interpret(g, feed)["y"].reshape(c.n_seq, N_HEAD, D)
+            e = nmse(got, ref)
+            fa.TARGET_WORKGROUPS = _target_workgroups(name)
+            seq = _sequence(y, skip)
+            fa.TARGET_WORKGROUPS = 128
+            roles = [k.meta.get("role") for k in seq.kernels]
+            print(f"{c.name:7s} {name:18s} nmse(interp, ref)={e:.2e} kernels={roles} "
+                  f"grids={[k.grid for k in seq.kernels]}")
+            ok &= e <= 1e-10
+    print("dry:", "ok" if ok else "FAILED")
+    return 0 if ok else 1
+
+
+# ---------------------------------------------------------------------------------------------------
+def run_fusec(cp, timeit, c: Case, vals, ref, name: str, layout: str, skip: bool) -> dict:
+    from fusec.backends.cuda_backend import CudaBackend
+
+    from fusec.codegen.families import flash_attn as fa
+
+    be = CudaBackend(use_graphs=True, flash_attn_skip=skip)
+    g, y = build(c, layout)
+    fa.TARGET_WORKGROUPS = _target_workgroups(name)
+    w = {"k": vals["k"], "v": vals["v"]}
+    if "mask" in vals:
+        w["mask"] = vals["mask"]
+    be.set_weights(w)
+    try:
+        exe = be.compile(g)
+    finally:
+        fa.TARGET_WORKGROUPS = 128
+    inp = fusec_inputs(vals, layout)
+    state: dict = {}
+    exe.run(inp, state)  # eager, then capture
+    if "graph" not in state:
+        return {"name": name, "error": f"no CUDA graph: {state.get('fallback')}"}
+    with be.on_stream():
+        exe.device_array(y).fill(np.nan)
+    out = exe.run(inp, state)["y"]  # replay
+    got = np.asarray(out).reshape(c.n_seq, N_HEAD, D)  # ne [Dv, H, 1, S] (seq) or [Dv, H, S, 1] (ggml)
+    err = nmse(got, ref)
+    res = {"name": name, "layout": layout, "skip": skip, "nmse": err, "nan": bool(np.isnan(got).any()),
+           "mode": exe.last_timing.get("mode"),
+           "kernels": [{"entry": k.entry, "grid": list(k.grid), "block": list(k.workgroup_size)} for k in exe.kernels]}
+    if res["nan"] or err > NMSE_BOUND:
+        res["error"] = f"wrong result: nmse {err:.3e}, nan {res['nan']}"
+        return res
+    graph = state["graph"]
+    null = cp.cuda.Stream.null
+    cp.cuda.runtime.deviceSynchronize()
+    res["t_s"] = timeit(lambda: graph.launch(null))
+    return res
+
+
+def run_torch(torch, timeit, c: Case, vals, ref, with_flex: bool = True) -> list[dict]:
+    import torch.nn.functional as F
+
+    dev = "cuda"
+    S = c.n_seq
+    q = torch.from_numpy(vals["q"]).to(dev).half().reshape(S, N_HEAD, 1, D)
+    k = torch.from_numpy(vals["k"]).to(dev).reshape(1, N_HEAD_KV, c.n_kv, D)
+    v = torch.from_numpy(vals["v"]).to(dev).reshape(1, N_HEAD_KV, c.n_kv, D)
+    vis = torch.from_numpy(c.visible()).to(dev) if c.kind != "none" else None
+    out: list[dict] = []
+
+    def check_time(name, fn, note=""):
+        r = {"name": name, "note": note}
+        try:
+            o = fn()
+            torch.cuda.synchronize()
+            got = o.float().reshape(S, N_HEAD, D).cpu().numpy()
+            r["nmse"] = nmse(got, ref)
+            if not np.isfinite(got).all() or r["nmse"] > NMSE_BOUND:
+                r["error"] = f"wrong result: nmse {r['nmse']:.3e}"
+            else:
+                r["t_s"] = timeit(fn)
+        except Exception as e:  # noqa: BLE001
+            r["error"] = f"{type(e).__name__}: {str(e)[:400]}"
+        out.append(r)
+
+    ke, ve = k.expand(S, -1, -1, -1), v.expand(S, -1, -1, -1)
+    if vis is not None:
+        m = vis.reshape(S, 1, 1, c.n_kv)
+        check_time("sdpa_masked", lambda: F.scaled_dot_product_attention(q, ke, ve, attn_mask=m, enable_gqa=True),
+                   "whole cache, bool mask, enable_gqa")
+    else:
+        check_time("sdpa_masked", lambda: F.scaled_dot_product_attention(q, ke, ve, enable_gqa=True),
+                   "no mask needed (everything visible)")
+    if c.kind == "multi":
+        C = c.n_kv // S
+        ko = k.reshape(N_HEAD_KV, S, C, D).permute(1, 0, 2, 3)
+        vo = v.reshape(N_HEAD_KV, S, C, D).permute(1, 0, 2, 3)
+    elif c.kind == "swa":
+        ko, vo = k[:, :, c.n_kv - c.window:], v[:, :, c.n_kv - c.window:]
+    else:
+        ko, vo = k, v
+    check_time("sdpa_own", lambda: F.scaled_dot_product_attention(q, ko, vo, enable_gqa=True),
+               "only the visible cells, no mask (strided views)")
+    if not with_flex:
+        return out
+    try:
+        from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+        flex = torch.compile(flex_attention, dynamic=False)
+        if c.kind == "multi":
+            C = c.n_kv // S
+
+            def mask_mod(b, h, q_idx, kv_idx):
+                return kv_idx // C == b
+            bm = create_block_mask(mask_mod, S, None, 1, c.n_kv, device=dev)
+        elif c.kind == "swa":
+            lo = c.n_kv - c.window
+
+            def mask_mod(b, h, q_idx, kv_idx):
+                return kv_idx >= lo
+            bm = create_block_mask(mask_mod, None, None, 1, c.n_kv, device=dev)
+        else:
+            bm = None
+        kc, vc = ke.contiguous() if S > 1 else k, ve.contiguous() if S > 1 else v
+        t0 = time.perf_counter()
+        check_time("flex", lambda: flex(q, kc, vc, block_mask=bm, enable_gqa=True),
+                   "torch.compile(flex_attention), create_block_mask")
+        out[-1]["compile_and_bench_s"] = time.perf_counter() - t0
+    except Exception as e:  # noqa: BLE001
+        out.append({"name": "flex", "error": f"{type(e).__name__}: {str(e)[:400]}"})
+    return out
+
+
+def copy_ceiling(cp, timeit) -> float:
+    """GB/s of a 1 GiB device-to-device copy (bytes read + bytes written)."""
+    n = 1 << 30
+    src, dst = cp.ones(n, cp.uint8), cp.empty(n, cp.uint8)
+    t = timeit(lambda: cp.copyto(dst, src))
+    return 2 * n / t / 1e9
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", default="bench/results/flash-attn.json")
+    ap.add_argument("--dry", action="store_true", help="tiny CPU-only checks (no GPU)")
+    ap.add_argument("--no-flex", action="store_true")
+    args = ap.parse_args()
+    if args.dry:
+        return dry()
+    import cupy as cp
+    import torch
+    from triton.testing import do_bench
+
+    def timeit(fn) -> float:
+        return float(do_bench(fn, warmup=25, rep=150, return_mode="median")) * 1e-3
+
+    t_start = time.perf_counter()
+    ceiling = copy_ceiling(cp, timeit)
+    doc = {"date": dt.date.today().isoformat(), "device": torch.cuda.get_device_name(),
+           "host": platform.node(), "torch": torch.__version__, "cupy": cp.__version__,
+           "copy_ceiling_gbs": ceiling, "timing": "triton.testing.do_bench median, L2 flushed",
+           "shape": {"D": D, "n_head": N_HEAD, "n_head_kv": N_HEAD_KV, "kv": "f16", "q_fusec": "f32",
+                     "q_torch": "f16"}, "cases": []}
+    print(f"copy ceiling {ceiling:.0f} GB/s")
+    for c in cases():
+        vals = data(c)
+        ref = cp.asnumpy(reference(cp, vals))
+        vb = kv_bytes(c)
+        entry = {"case": c.name, "n_seq": c.n_seq, "n_kv": c.n_kv, "kind": c.kind, "window": c.window,
+                 "visible_kv_bytes": vb, "results": []}
+        rows = []
+        for name, layout, skip in variants_for(c):
+            try:
+                rows.append(run_fusec(cp, timeit, c, vals, ref, name, layout, skip))
+            except Exception as e:  # noqa: BLE001
+                rows.append({"name": name, "error": f"{type(e).__name__}: {e}", "tb": traceback.format_exc()[-1500:]})
+        flex = not args.no_flex and time.perf_counter() - t_start < 250
+        rows += run_torch(torch, timeit, c, vals, ref, with_flex=flex)
+        if not flex:
+            rows.append({"name": "flex", "error": "skipped (--no-flex or the time budget)"})
+        rows.append({"name": "copy_ideal", "t_s": vb / (ceiling * 1e9)})
+        for r in rows:
+            if "t_s" in r:
+                r["us"] = r["t_s"] * 1e6
+                r["gbs"] = vb / r["t_s"] / 1e9
+                r["pct_copy"] = 100 * r["gbs"] / ceiling
+        entry["results"] = rows
+        doc["cases"].append(entry)
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(doc, indent=1))
+        print(f"\n{c.name}: n_seq={c.n_seq} n_kv={c.n_kv} visible K/V {vb / 2**20:.0f} MiB")
+        for r in rows:
+            if "us" in r:
+                print(f"  {r['name']:18s} {r['us']:9.1f} us {r['gbs']:7.0f} GB/s {r['pct_copy']:5.1f}% copy"
+                      + (f"  nmse {r['nmse']:.1e}" if "nmse" in r else ""))
+            else:
+                print(f"  {r['name']:18s} ERROR {r.get('error')}")
+    print(f"\ntotal {time.perf_counter() - t_start:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
