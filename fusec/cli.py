@@ -228,6 +228,10 @@ def cmd_run(args) -> int:
         raise UsageError("--tokens must be >= 1")
     if args.prompt is not None and args.prompt_ids:
         raise UsageError("give --prompt or --prompt-ids, not both")
+    if args.n_seq < 1:
+        raise UsageError("--n-seq must be >= 1")
+    if args.n_seq > 1 and args.prompt is not None:
+        raise UsageError("--prompt streams one sequence; use --prompt-ids with --n-seq > 1")
     backend = get_backend(args.backend)
     pats = None if args.no_fuse else _patterns(args)
     t0 = time.perf_counter()
@@ -256,10 +260,13 @@ def cmd_run(args) -> int:
             prompt = [int(t) for t in args.prompt_ids.split(",")] if args.prompt_ids else [1]
         except ValueError:
             raise UsageError(f"--prompt-ids takes comma-separated integers, got {args.prompt_ids!r}") from None
+    if args.n_seq > 1:
+        return _run_multi_seq(args, console, cfg, weights, backend, pats, prompt, source, t0)
     kv_size = max(args.n_ctx, len(prompt) + args.tokens)
     console.print(f"{cfg.name}: {cfg.num_hidden_layers} layers, {source} in {time.perf_counter() - t0:.1f} s; "
-                  f"backend {backend.name}; fusion {'off' if pats is None else 'on'}")
-    sess = DecodeSession(cfg, backend, weights, kv_size=kv_size, patterns=pats)
+                  f"backend {backend.name}; fusion {'off' if pats is None else 'on'}"
+                  f"{'; flash attention' if args.flash_attn else ''}")
+    sess = DecodeSession(cfg, backend, weights, kv_size=kv_size, patterns=pats, flash_attn=args.flash_attn)
     ref = None
     if args.verify:
         ref = DecodeSession(cfg, get_backend("numpy"), weights, kv_size=kv_size, patterns=None)
@@ -318,6 +325,69 @@ def cmd_run(args) -> int:
         _print_cache_stats(console, sess)
     if ref is not None:
         console.print(f"verify: ok ({n_gen} steps, worst nmse {worst:.2e} <= {args.tol:g}, "
+                      "same greedy tokens as the unfused numpy interpreter)")
+    return 0
+
+
+def _run_multi_seq(args, console, cfg, weights, backend, pats, prompt, source, t0) -> int:
+    """``fusec run --n-seq S``: S sequences in one unified KV cache of ``max(--n-ctx, S*(prompt +
+    tokens))`` cells; sequence ``s`` starts from the prompt ids shifted by ``s`` (mod n_vocab); the
+    first step decodes every prompt, each later step one token per sequence (``n_tokens = S``)."""
+    import numpy as np
+
+    from .backends import get_backend
+    from .runtime import DecodeSession
+
+    S = args.n_seq
+    prompts = [[(t + s) % cfg.vocab_size for t in prompt] for s in range(S)]
+    kv_size = max(args.n_ctx, S * (len(prompt) + args.tokens))
+    console.print(f"{cfg.name}: {cfg.num_hidden_layers} layers, {source} in {time.perf_counter() - t0:.1f} s; "
+                  f"backend {backend.name}; fusion {'off' if pats is None else 'on'}"
+                  f"{'; flash attention' if args.flash_attn else ''}; {S} sequences in {kv_size} KV cells")
+    sess = DecodeSession(cfg, backend, weights, kv_size=kv_size, patterns=pats, n_seq=S,
+                         flash_attn=args.flash_attn)
+    ref = None
+    if args.verify:
+        ref = DecodeSession(cfg, get_backend("numpy"), weights, kv_size=kv_size, patterns=None, n_seq=S)
+    last_rows = np.cumsum([len(p) for p in prompts]) - 1
+    gen: list[list[int]] = [[] for _ in range(S)]
+    step_in: list = prompts
+    worst = 0.0
+    t_start = time.perf_counter()
+    for i in range(args.tokens):
+        logits = sess.step(step_in)
+        rows = last_rows if i == 0 else np.arange(S)
+        nxt = [int(np.argmax(logits[r])) for r in rows]
+        tm = sess.timings[-1]
+        line = (f"step {i}: cells {tm['pos']:>4} n_tokens {tm['n_tokens']:>3} n_kv {tm['n_kv']:>4} "
+                f"build {tm['build_s'] * 1e3:7.1f} ms  compile {tm['compile_s'] * 1e3:7.1f} ms  "
+                f"run {tm['run_s'] * 1e3:8.1f} ms")
+        if ref is not None:
+            rlog = ref.step(step_in)
+            err = nmse(logits, rlog)
+            worst = max(worst, err)
+            rnxt = [int(np.argmax(rlog[r])) for r in rows]
+            line += f"  nmse {err:.2e}"
+            if err > args.tol or nxt != rnxt:
+                console.print(line)
+                console.print(f"[red]verify FAILED at step {i}: nmse {err:.3e} (tol {args.tol:g}), "
+                              f"argmax {nxt} vs reference {rnxt}[/red]")
+                return 1
+        console.print(line + f"  -> tokens {nxt}")
+        for s in range(S):
+            gen[s].append(nxt[s])
+        step_in = nxt
+    elapsed = time.perf_counter() - t_start
+    if sess.last_report is not None:
+        console.print(f"fusions per step: {sess.last_report.total_matches}")
+    for s in range(S):
+        console.print(f"sequence {s}: {prompts[s] + gen[s]}")
+    n_gen = S * args.tokens
+    console.print(f"{n_gen} tokens ({S} sequences) in {elapsed:.2f} s: {n_gen / max(elapsed, 1e-9):.1f} tokens/s")
+    if args.stats:
+        _print_cache_stats(console, sess)
+    if ref is not None:
+        console.print(f"verify: ok ({args.tokens} steps x {S} sequences, worst nmse {worst:.2e} <= {args.tol:g}, "
                       "same greedy tokens as the unfused numpy interpreter)")
     return 0
 
@@ -427,6 +497,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", help="prompt text, tokenized with the checkpoint's vocabulary; streams the text")
     p.add_argument("--stats", action="store_true",
                    help="print graph-cache statistics and the per-token host time split at the end")
+    p.add_argument("--n-seq", type=int, default=1,
+                   help="decode this many sequences together in one unified KV cache of --n-ctx cells "
+                        "(sequence s starts from the prompt ids + s)")
+    p.add_argument("--flash-attn", action="store_true",
+                   help="build FLASH_ATTN_EXT directly (row-major V cache) instead of the unfused attention")
     p.set_defaults(fn=cmd_run)
 
     p = sub.add_parser("test", help="property-based equivalence tests for pattern files")

@@ -2,11 +2,12 @@
 
 Mirrors ``llama_model_llama::graph`` (``src/models/llama.cpp``) with ``llm_graph_context``'s
 ``build_inp_embd``, ``build_norm`` (LLM_NORM_RMS), ``build_qkv``, ``build_attn`` /
-``build_attn_mha`` without flash attention, ``build_ffn`` (LLM_FFN_SILU, LLM_FFN_PAR) and the KV
-cache's ``cpy_k`` / ``cpy_v`` / ``get_k`` / ``get_v`` (``llama-kv-cache.cpp``, one sequence, one
-stream, transposed V cache). Tensor names are llama.cpp's (``cb(cur, "attn_norm", il)`` ->
-``attn_norm-0``); like llama.cpp, a few names repeat (``Qcur-0`` names both the projection and
-the roped result).
+``build_attn_mha`` with or without flash attention, ``build_ffn`` (LLM_FFN_SILU, LLM_FFN_PAR) and
+the KV cache's ``cpy_k`` / ``cpy_v`` / ``get_k`` / ``get_v`` (``llama-kv-cache.cpp``, one unified
+stream: tokens of several sequences share the cells, the ``kq_mask`` input keeps them apart;
+transposed V cache without flash attention, row-major V cache with it). Tensor names are
+llama.cpp's (``cb(cur, "attn_norm", il)`` -> ``attn_norm-0``); like llama.cpp, a few names repeat
+(``Qcur-0`` names both the projection and the roped result).
 
 The same builder serves llama.cpp's ``LLM_ARCH_QWEN2`` graph (``src/models/qwen2.cpp``), which
 differs only by the q/k/v biases (MUL_MAT then ADD ``bq``/``bk``/``bv``) and rope type NEOX, and
@@ -19,37 +20,56 @@ from __future__ import annotations
 import math
 
 from ..ir.builder import GraphBuilder
-from ..ir.dtypes import F32, I32, DType
+from ..ir.dtypes import F16, I32, DType
 from ..ir.graph import Graph
 from ..ir.tensor import Tensor
 from .config import LlamaConfig, ModelError
-from .weights import kv_cache_specs, weight_specs
+from .weights import kv_cache_specs, parse_float_dtype, weight_specs
 
 LLAMA_ROPE_TYPE_NORM = 0  # llama.cpp's rope type for LLM_ARCH_LLAMA (adjacent pairs)
 
 
 def build_llama_decode(cfg: LlamaConfig, n_tokens: int, n_kv: int, kv_size: int, *,
-                       kv_dtype: DType | str = "f32", weight_dtype: DType | str = "f32") -> Graph:
+                       kv_dtype: DType | str = "f32", weight_dtype: DType | str = "f32",
+                       flash_attn: bool = False, mask_dtype: DType | str = "f32") -> Graph:
     """Graph of one llama.cpp decode step (``llm_build_llama``) over ``n_tokens`` new tokens.
+
+    The tokens may belong to different sequences sharing one unified KV cache (llama.cpp's
+    ``kv_unified``): the graph does not know sequences at all; each token writes its K/V to its own
+    cell (``k_idxs`` / ``v_idxs``) and the ``kq_mask`` input decides which cells each token sees
+    (:func:`fusec.runtime.session.unified_kq_mask`). S sequences decoding one token each are a
+    step with ``n_tokens = S``.
 
     Inputs (flag ``input``):
         ``inp_tokens`` i32 ne = [n_tokens]: token ids.
-        ``inp_pos`` i32 ne = [n_tokens]: absolute positions (tokens).
+        ``inp_pos`` i32 ne = [n_tokens]: positions of the tokens in their own sequences.
         ``k_idxs`` i32 ne = [n_tokens]: KV cells written by each token (``set_input_k_idxs``).
-        ``v_idxs`` i32 ne = [n_embd_v_gqa * n_tokens]: flat indices into the transposed V cache,
-            entry ``i*n_embd_v_gqa + c`` = ``c*kv_size + k_idxs[i]`` (``set_input_v_idxs``).
-        ``kq_mask`` f32 ne = [n_kv, n_tokens]: 0 where token ``i`` may attend cell ``j``, -inf
-            elsewhere (``set_input_kq_mask``; causal, and sliding-window for ``cfg.sliding_window``).
+        ``v_idxs`` i32: without flash attention ne = [n_embd_v_gqa * n_tokens], flat indices into
+            the transposed V cache, entry ``i*n_embd_v_gqa + c`` = ``c*kv_size + k_idxs[i]``; with
+            flash attention ne = [n_tokens], equal to ``k_idxs`` (``set_input_v_idxs``).
+        ``kq_mask`` ``mask_dtype`` ne = [n_kv, n_tokens]: 0 where token ``i`` may attend cell
+            ``j``, -inf elsewhere (``set_input_kq_mask``: same sequence, causal, and sliding-window
+            for ``cfg.sliding_window``).
 
     Persistent leaves (flag ``weight``): the GGUF-named weights of
     :func:`fusec.models.weights.weight_specs` and the caches ``cache_k_l{il}`` / ``cache_v_l{il}``
-    (ne = [n_embd_{k,v}_gqa, kv_size], ``kv_dtype``), updated in place by SET_ROWS.
+    (ne = [n_embd_{k,v}_gqa, kv_size], ``kv_dtype``), updated in place by SET_ROWS. The V cache
+    is transposed (element (cell ``t``, channel ``c``) at flat index ``c*kv_size + t``) without
+    flash attention and row-major like K (``t*n_embd_v_gqa + c``) with it, as llama.cpp's
+    ``v_trans = !flash_attn``: a session must not switch ``flash_attn`` over a filled cache.
+
+    ``flash_attn=False`` builds llama.cpp's unfused ``build_attn_mha`` (MUL_MAT, SOFT_MAX, MUL_MAT,
+    PERMUTE, CONT; what ``patterns/attention.fuse`` rewrites); ``flash_attn=True`` builds
+    ``FLASH_ATTN_EXT(q, k, v, kq_mask)`` directly (``__fattn__-{il}``, result ne = [head_dim,
+    n_head, n_tokens, 1] reshaped to ``kqv_out-{il}`` [head_dim*n_head, n_tokens]). ``mask_dtype``
+    "f16" (llama.cpp casts the mask to f16 for flash attention) needs ``flash_attn``.
 
     Output: ``result_output`` f32 ne = [n_vocab, n_tokens] (logits).
 
     The attention reads ``n_kv`` cells (``n_kv <= kv_size``) through views of the SET_ROWS results,
     so the cache write is an explicit dependency of the read. Raises :class:`ModelError` for bad
-    sizes or dtypes; :class:`fusec.errors.GraphError` would signal an internal shape bug.
+    sizes or dtypes (an f16 mask without flash attention included); :class:`fusec.errors.GraphError`
+    would signal an internal shape bug.
     """
     n_tokens, n_kv, kv_size = int(n_tokens), int(n_kv), int(kv_size)
     if n_tokens < 1:
@@ -58,6 +78,9 @@ def build_llama_decode(cfg: LlamaConfig, n_tokens: int, n_kv: int, kv_size: int,
         raise ModelError(f"n_kv must be in 1..kv_size={kv_size}, got {n_kv}")
     if n_tokens > kv_size:
         raise ModelError(f"n_tokens={n_tokens} does not fit a KV cache of {kv_size} cells")
+    mtype = parse_float_dtype(mask_dtype, "mask_dtype")
+    if mtype == F16 and not flash_attn:
+        raise ModelError("mask_dtype f16 needs flash_attn=True (SOFT_MAX takes the f32 mask, as llama.cpp)")
     wspecs = weight_specs(cfg, weight_dtype)
     cspecs = kv_cache_specs(cfg, kv_size, kv_dtype)
 
@@ -68,8 +91,8 @@ def build_llama_decode(cfg: LlamaConfig, n_tokens: int, n_kv: int, kv_size: int,
     inp_tokens = b.input("inp_tokens", I32, (n_tokens,))
     inp_pos = b.input("inp_pos", I32, (n_tokens,))
     k_idxs = b.input("k_idxs", I32, (n_tokens,))
-    v_idxs = b.input("v_idxs", I32, (cfg.n_embd_v_gqa * n_tokens,))
-    kq_mask = b.input("kq_mask", F32, (n_kv, n_tokens))
+    v_idxs = b.input("v_idxs", I32, (n_tokens,) if flash_attn else (cfg.n_embd_v_gqa * n_tokens,))
+    kq_mask = b.input("kq_mask", mtype, (n_kv, n_tokens))
     rope_factors = w.get("rope_freqs.weight")
 
     inp_l = b.get_rows(w["token_embd.weight"], inp_tokens, name="inp_embd")
@@ -80,7 +103,7 @@ def build_llama_decode(cfg: LlamaConfig, n_tokens: int, n_kv: int, kv_size: int,
         cur = _rms_norm(b, inp_l, w[p + "attn_norm.weight"], cfg.rms_norm_eps, f"norm-{il}", f"attn_norm-{il}")
         q, k, v = _qkv(b, cfg, w, cur, inp_pos, rope_factors, il)
         cur = _attn(b, cfg, w[p + "attn_output.weight"], caches[f"cache_k_l{il}"], caches[f"cache_v_l{il}"],
-                    q, k, v, k_idxs, v_idxs, kq_mask, kq_scale, n_kv, kv_size, il)
+                    q, k, v, k_idxs, v_idxs, kq_mask, kq_scale, n_kv, kv_size, il, flash_attn)
         ffn_inp = b.add(cur, inp_sa, name=f"ffn_inp-{il}")
         cur = _rms_norm(b, ffn_inp, w[p + "ffn_norm.weight"], cfg.rms_norm_eps, f"norm-{il}", f"ffn_norm-{il}")
         cur = _ffn_swiglu(b, w[p + "ffn_up.weight"], w[p + "ffn_gate.weight"], w[p + "ffn_down.weight"], cur, il)
@@ -139,16 +162,32 @@ def _cpy_v(b: GraphBuilder, cache_v: Tensor, v_cur: Tensor, v_idxs: Tensor, il: 
     return b.set_rows(v_view, v2, v_idxs, name=f"{cache_v.name} (reshaped) (view)")
 
 
+def _cpy_v_rows(b: GraphBuilder, cache_v: Tensor, v_cur: Tensor, v_idxs: Tensor, il: int) -> Tensor:
+    """llama_kv_cache::cpy_v, non-transposed cache (flash attention): SET_ROWS as for K."""
+    n_embd_gqa = v_cur.ne[0] * v_cur.ne[1]
+    v2 = b.view(v_cur, (n_embd_gqa, v_cur.ne[2]), nb=(v_cur.nb[0], v_cur.nb[2]), name=f"Vcur-{il} (view)")
+    return b.set_rows(cache_v, v2, v_idxs, name=f"{cache_v.name} (view)")
+
+
 def _attn(b: GraphBuilder, cfg: LlamaConfig, wo: Tensor, cache_k: Tensor, cache_v: Tensor, q_cur: Tensor,
           k_cur: Tensor, v_cur: Tensor, k_idxs: Tensor, v_idxs: Tensor, kq_mask: Tensor, kq_scale: float,
-          n_kv: int, kv_size: int, il: int) -> Tensor:
-    """build_attn (KV cache) + build_attn_mha without flash attention; returns ``attn_out-{il}``."""
+          n_kv: int, kv_size: int, il: int, flash_attn: bool = False) -> Tensor:
+    """build_attn (KV cache) + build_attn_mha with or without flash attention; returns ``attn_out-{il}``."""
     hd, n_head_kv, n_tokens = cfg.head_dim, cfg.num_key_value_heads, q_cur.ne[2]
     k_stored = _cpy_k(b, cache_k, k_cur, k_idxs, il)
-    v_stored = _cpy_v(b, cache_v, v_cur, v_idxs, il)
     kes, ves = cache_k.dtype.size, cache_v.dtype.size
     # get_k, already permuted (0, 2, 1, 3): [head_dim, n_kv, n_head_kv]
     k = b.view(k_stored, (hd, n_kv, n_head_kv), nb=(kes, kes * cfg.n_embd_k_gqa, kes * hd), name=f"k-{il}")
+    if flash_attn:
+        v_stored = _cpy_v_rows(b, cache_v, v_cur, v_idxs, il)
+        # get_v of the row-major cache, permuted (0, 2, 1, 3): [head_dim, n_kv, n_head_kv]
+        v = b.view(v_stored, (hd, n_kv, n_head_kv), nb=(ves, ves * cfg.n_embd_v_gqa, ves * hd), name=f"v-{il}")
+        q = b.permute(q_cur, 0, 2, 1, 3, name=f"q-{il}")  # [head_dim, n_tokens, n_head]
+        cur = b.flash_attn_ext(q, k, v, kq_mask, scale=kq_scale, max_bias=0.0, logit_softcap=0.0,
+                               name=f"__fattn__-{il}")  # [head_dim, n_head, n_tokens, 1]
+        cur = b.reshape(cur, (hd * cfg.num_attention_heads, n_tokens), name=f"kqv_out-{il}")
+        return b.mul_mat(wo, cur, name=f"attn_out-{il}")
+    v_stored = _cpy_v(b, cache_v, v_cur, v_idxs, il)
     # get_v of the transposed cache, permuted (0, 2, 1, 3): [n_kv, head_dim, n_head_kv]
     v = b.view(v_stored, (n_kv, hd, n_head_kv), nb=(ves, ves * kv_size, ves * kv_size * hd), name=f"v-{il}")
     q = b.permute(q_cur, 0, 2, 1, 3, name=f"q-{il}")  # [head_dim, n_tokens, n_head]
