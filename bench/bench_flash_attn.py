@@ -202,7 +202,6 @@ def dry() -> int:
 # ---------------------------------------------------------------------------------------------------
 def run_fusec(cp, timeit, c: Case, vals, ref, name: str, layout: str, skip: bool) -> dict:
     from fusec.backends.cuda_backend import CudaBackend
-
     from fusec.codegen.families import flash_attn as fa
 
     be = CudaBackend(use_graphs=True, flash_attn_skip=skip)
