@@ -10,7 +10,8 @@ planned with the graph, ``plan_buffers(graph, scratch=...)``, exactly as the wgp
 packs each kernel's parameter struct once (a numpy structured scalar, passed by value at every
 launch: no device-memory load of the parameters inside the kernels). Every step runs on one
 stream, so kernels and cuBLAS calls execute in graph order: CuPy's current stream, or -- with
-CUDA graphs on -- the backend's own non-blocking stream (:attr:`CudaBackend.stream`; weights, buffers, uploads and read-backs use it too).
+CUDA graphs on -- the backend's own non-blocking stream (:attr:`CudaBackend.stream`; weights,
+buffers, uploads and read-backs use it too).
 
 **CUDA graphs** (issue 5 part 4). With ``use_graphs`` (the default unless
 ``FUSEC_DISABLE_CUDA_GRAPHS=1``) an executable run with a ``backend_state`` dict -- the graph
