@@ -134,17 +134,24 @@ def _concat(srcs, params) -> Layout:
     return Layout(a.dtype, tuple(ne))
 
 
+def _check_mask(mask, n_kv: int, n_q: int, batch_ne, kv_what: str, q_what: str, batch_what: str) -> None:
+    """The attention mask rules shared by SOFT_MAX and FLASH_ATTN_EXT (ggml_soft_max_ext,
+    ggml_flash_attn_ext): f32/f16, ``ne[0] == n_kv``, at least ``n_q`` rows, dims 2/3 broadcast over
+    ``batch_ne`` (the scores' / q's ne[2], ne[3]), contiguous rows."""
+    _need(mask.dtype in (F32, F16), f"mask must be f32 or f16, got {mask.dtype}")
+    _need(mask.ne[0] == n_kv, f"mask ne[0]={mask.ne[0]} != {kv_what}={n_kv}")
+    _need(mask.ne[1] >= n_q, f"mask ne[1]={mask.ne[1]} < {q_what}={n_q}")
+    _need(batch_ne[0] % mask.ne[2] == 0 and batch_ne[1] % mask.ne[3] == 0,
+          f"mask ne[2]/ne[3] must divide {batch_what} ne[2]/ne[3]")
+    _need(mask.is_contiguous_rows, "mask rows must be contiguous")
+
+
 def _soft_max(srcs, params) -> Layout:
     a = srcs[0]
     mask = srcs[1] if len(srcs) > 1 else None
     _need(a.dtype == F32, f"src[0] must be f32, got {a.dtype}")
     if mask is not None:
-        _need(mask.dtype in (F32, F16), f"mask must be f32 or f16, got {mask.dtype}")
-        _need(mask.ne[0] == a.ne[0], f"mask ne[0]={mask.ne[0]} != src[0] ne[0]={a.ne[0]}")
-        _need(mask.ne[1] >= a.ne[1], f"mask ne[1]={mask.ne[1]} < src[0] ne[1]={a.ne[1]}")
-        _need(a.ne[2] % mask.ne[2] == 0 and a.ne[3] % mask.ne[3] == 0,
-              "mask ne[2]/ne[3] must divide src[0] ne[2]/ne[3]")
-        _need(mask.is_contiguous_rows, "mask rows must be contiguous")
+        _check_mask(mask, a.ne[0], a.ne[1], a.ne[2:], "src[0] ne[0]", "src[0] ne[1]", "src[0]")
     return Layout(F32, a.ne)
 
 
@@ -275,12 +282,7 @@ def _flash_attn_ext(srcs, params) -> Layout:
         _need(q.ne[2] % t.ne[2] == 0 and q.ne[3] % t.ne[3] == 0,
               f"{nm} ne[2]/ne[3]={t.ne[2]}/{t.ne[3]} must divide q's {q.ne[2]}/{q.ne[3]} (GQA broadcast)")
     if mask is not None:
-        _need(mask.dtype in (F32, F16), f"mask must be f32 or f16, got {mask.dtype}")
-        _need(mask.ne[0] == k.ne[1], f"mask ne[0]={mask.ne[0]} != n_kv={k.ne[1]}")
-        _need(mask.ne[1] >= q.ne[1], f"mask ne[1]={mask.ne[1]} < n_q={q.ne[1]}")
-        _need(q.ne[2] % mask.ne[2] == 0 and q.ne[3] % mask.ne[3] == 0,
-              "mask ne[2]/ne[3] must divide q ne[2]/ne[3]")
-        _need(mask.is_contiguous_rows, "mask rows must be contiguous")
+        _check_mask(mask, k.ne[1], q.ne[1], q.ne[2:], "n_kv", "n_q", "q")
     return Layout(F32, (v.ne[0], q.ne[2], q.ne[1], q.ne[3]))
 
 
