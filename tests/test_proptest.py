@@ -228,6 +228,11 @@ def test_positive_cases_match(case):
     assert case.params[0]["eps"] in (1e-6, 0.0, 1e-5, 1e-4, 0.1, 1.0)
 
 
+# `find` searches randomly; a fixed seed and a generous budget make the search reproducible
+# (a rare case such as row_into_full otherwise fails on an unlucky seed).
+SEARCH = settings(database=None, max_examples=2000, derandomize=True)
+
+
 def test_positive_cases_explore_operand_order_and_the_larger_operand():
     """For a commutative op, positives put the matched value in src[1] too, and let the other operand
     be the larger one (the matched value broadcasting into it) whenever the pattern matches that."""
@@ -241,20 +246,20 @@ def test_positive_cases_explore_operand_order_and_the_larger_operand():
         y, n, w = graph(wrong, case)
         return y.src[0] is w and w.nelements > n.nelements and can_repeat(n.ne, w.ne)
 
-    case = find(positive_cases(wrong, analyze(wrong)), larger, settings=settings(database=None, max_examples=200))
+    case = find(positive_cases(wrong, analyze(wrong)), larger, settings=SEARCH)
     assert case.swaps == frozenset({1})  # the larger operand is src[0]
 
     def row_into_full(case):  # the x_row / w_full case: x ne=[n,1,1,1] against w ne=[n,k,1,1]
         y, n, w = graph(wrong, case)
         return y.src[0] is w and n.ne[1:] == (1, 1, 1) and w.ne[0] == n.ne[0] and w.ne[1] in (3, 4)
 
-    find(positive_cases(wrong, analyze(wrong)), row_into_full, settings=settings(database=None, max_examples=300))
+    find(positive_cases(wrong, analyze(wrong)), row_into_full, settings=SEARCH)
 
     def swapped_same(case):
         y, n, w = graph(RMS_MUL, case)
         return y.src[1] is n and w.ne == n.ne
 
-    find(positive_cases(RMS_MUL, FACTS["rms_norm_mul"]), swapped_same, settings=settings(database=None))
+    find(positive_cases(RMS_MUL, FACTS["rms_norm_mul"]), swapped_same, settings=SEARCH)
 
 
 @given(positive_cases(RMS_MUL, FACTS["rms_norm_mul"]))
