@@ -437,3 +437,25 @@ def test_llama_residual_adds(n_tokens):
         # each sum feeds the next residual ADD, except the last one (only the output norm reads it)
         assert sum(1 for t in outs if users.get(id(t))) == n_res - 1
         plan_buffers(g2).check()
+
+
+def test_a_family_that_ignores_an_extra_output_fails_loudly():
+    """gemv_epilogue renders the chain ending at output 0 only: the generic check in fusec.codegen.emit
+    refuses to hand out a kernel that leaves a declared output unwritten."""
+    src = """pattern p {
+  match {
+    m = MUL_MAT(w, x)
+    y = ADD(m, b)
+  }
+  rewrite MUL_MAT_ADD(w, x, b) kernel gemv_epilogue outputs(m)
+}"""
+    (p,) = parse_patterns(src)
+    g = GraphBuilder()
+    m = g.mul_mat(g.weight("w", "f32", (32, 8)), g.input("x", "f32", (32, 1)), name="m")
+    g2, rep = rewrite(g.build([g.add(m, g.input("b", "f32", (8, 1)), name="y"), m]), [p])
+    assert rep.total_matches == 1
+    vals = values(g2)
+    assert set(interpret(g2, vals)) == {"y", "m"}
+    with pytest.raises(CodegenError, match=r"node 'y': kernel family 'gemv_epilogue' does not write extra "
+                                           r"output\(s\) 1 \('m'\)"):
+        emit(g2.by_name("y"), "wgsl")
