@@ -314,6 +314,13 @@ def test_wgsl_kernel_writes_both_outputs(pattern, dtype, ne0, bcast):
 
 
 @requires_wgpu
+@pytest.mark.parametrize("pattern", MULTI)
+def test_wgsl_kernel_f16_vec4(pattern):
+    """ne0 = 68: f16 rows as vec4<f16> (not the vec4<u32> eight-half words), the sum rounded through f16."""
+    run_and_compare(wgpu_runtime.run_kernel, "wgsl", pattern, "f16", 68, True)
+
+
+@requires_wgpu
 def test_wgsl_kernel_with_the_row_operand_second():
     run_and_compare(wgpu_runtime.run_kernel, "wgsl", "add_rms_norm_mul", "f32", 64, False, swap=True)
 
