@@ -8,6 +8,7 @@ from typing import Any
 from ..errors import GraphError
 from ..ir.builder import GraphBuilder
 from ..ir.graph import Graph
+from ..ir.ops import VIEW_OPS
 from ..ir.shape import contiguous_nb
 from ..ir.tensor import Tensor
 
@@ -18,13 +19,36 @@ def fused_inputs(sub: Graph) -> list[Tensor]:
     return sorted(ph, key=lambda t: t.params["fused_input"])
 
 
+def fused_alias_input(sub: Graph) -> int | None:
+    """The fused input whose memory a decomposition's result aliases, or ``None``.
+
+    When the decomposition's output shares its memory with placeholder ``i`` (its root is an
+    in-place op such as SET_ROWS or CPY writing into that placeholder, through views or not; the
+    registry's inference sets ``view_of``; pure views do not count: they write nothing), the FUSED node computing it writes into ``src[i]``'s
+    memory, exactly as the root op does, and its result is a view of that source. Any other output
+    (including a view of a decomposition-internal value) is a value of its own: ``None``.
+    """
+    out = sub.outputs[0]
+    root = out.root
+    if out.is_view and out.op not in VIEW_OPS and root.is_leaf and "fused_input" in root.params:
+        return int(root.params["fused_input"])
+    return None
+
+
 def make_fused_node(b: GraphBuilder, sub: Graph, srcs: Sequence[Tensor | None], params: dict[str, Any],
                     name: str) -> Tensor:
     """Create a ``FUSED`` node computing ``sub.outputs[0]`` from ``srcs``.
 
     ``sub``'s leaves carry ``params["fused_input"] = i`` and stand for ``srcs[i]``; their dtype and
     ``ne`` must match. ``params`` must hold ``pattern`` (pattern name) and ``kernel`` (kernel family
-    used by codegen). The result is contiguous memory of its own. Raises :class:`GraphError`.
+    used by codegen). Raises :class:`GraphError`.
+
+    Memory: the result is contiguous memory of its own, unless the decomposition writes into one of
+    its inputs (:func:`fused_alias_input` gives ``i``, e.g. a KV-cache write ending in SET_ROWS):
+    then the result aliases ``srcs[i]``'s memory as the decomposition's output aliases placeholder
+    ``i`` (``view_src = srcs[i].root``, ``view_offs = srcs[i].view_offs`` plus the output's own
+    offset, the output's ``nb``), so the buffer plan, the interpreter and every backend see the
+    FUSED node write in place, as they see SET_ROWS/CPY.
     """
     where = repr(name)
     if len(sub.outputs) != 1:
@@ -41,7 +65,14 @@ def make_fused_node(b: GraphBuilder, sub: Graph, srcs: Sequence[Tensor | None], 
         if not isinstance(params.get(k), str):
             raise GraphError(f"FUSED params need a string '{k}'", node=where, field="params")
     root = sub.outputs[0]
-    t = Tensor(b._id(), "FUSED", tuple(srcs), dict(params), root.dtype, root.ne,
-               contiguous_nb(root.ne, root.dtype.size), name, set(), decomposition=sub)
+    alias = fused_alias_input(sub)
+    if alias is None:
+        t = Tensor(b._id(), "FUSED", tuple(srcs), dict(params), root.dtype, root.ne,
+                   contiguous_nb(root.ne, root.dtype.size), name, set(), decomposition=sub)
+    else:
+        dst = srcs[alias]
+        assert dst is not None
+        t = Tensor(b._id(), "FUSED", tuple(srcs), dict(params), root.dtype, root.ne, tuple(root.nb), name, set(),
+                   view_src=dst.root, view_offs=dst.view_offs + root.view_offs, decomposition=sub)
     b.nodes.append(t)
     return t

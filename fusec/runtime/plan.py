@@ -13,7 +13,9 @@ FUSED node reads is the memory of its real sources. Every root (non-view) tensor
 
 The safety rule (the bug class of ggml's ``ggml_cuda_check_fusion_memory_ranges``): a node's
 output buffer never aliases a buffer the node reads, except for the deliberate in-place ops
-SET_ROWS/CPY, whose output *is* their destination. :func:`plan_buffers` never produces such a
+SET_ROWS/CPY, whose output *is* their destination, and FUSED nodes whose decomposition ends in
+one of them (``fusec.rewrite.fuse.fused_alias_input``: the FUSED result is a view of the source it
+writes, e.g. ROPE -> VIEW -> SET_ROWS into a KV cache). :func:`plan_buffers` never produces such a
 plan (a slot freed by a node's last read is only handed to nodes *after* it), and
 :meth:`BufferPlan.check` verifies it, so a plan built or edited any other way is refused.
 
@@ -157,7 +159,7 @@ class BufferPlan:
         Checked: every root has a slot of the right kind and size; scratch roots sharing a slot
         have disjoint lifetimes; and the safety rule -- no computing node's output slot is a slot
         it reads (sources, sources of FUSED nodes, memory reached through views), other than
-        SET_ROWS/CPY writing their own destination.
+        SET_ROWS/CPY (or a FUSED node ending in one) writing their own destination.
         """
         order = self.graph.nodes
         for t in order:
@@ -270,7 +272,8 @@ def _slot_kind(root: Tensor) -> str:
 
 def written_root(node: Tensor) -> Tensor | None:
     """The root whose memory executing ``node`` writes: the node itself for computing ops, the
-    destination's root for SET_ROWS/CPY, ``None`` for leaves and pure views."""
+    destination's root for SET_ROWS/CPY and for FUSED nodes writing into a source (their result is a
+    view of it), ``None`` for leaves and pure views."""
     if node.is_leaf or node.op in VIEW_OPS:
         return None
     return node.root
