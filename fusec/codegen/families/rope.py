@@ -183,8 +183,8 @@ def plan(node: Tensor) -> RopePlan:
 
 def _entry(p: RopePlan, x: Tensor, node: Tensor) -> str:
     parts = []
-    if p.norm:
-        parts.append("_".join([p.norm.lower()] + [op.lower() for op, _ in p.steps]))
+    if p.norm:  # the chain with each operand's dtype (the source depends on them)
+        parts.append("_".join([p.norm.lower()] + [f"{op.lower()}_{node.src[i].dtype}" for op, i in p.steps]))
     parts.append(f"rope_{'neox' if p.neox else 'norm'}_{x.dtype}")
     if p.ff is not None:
         parts.append("ff")
