@@ -22,11 +22,11 @@ def fused_inputs(sub: Graph) -> list[Tensor]:
 def fused_alias_input(sub: Graph) -> int | None:
     """The fused input whose memory a decomposition's result aliases, or ``None``.
 
-    When the decomposition's output shares its memory with placeholder ``i`` (its root is an
-    in-place op such as SET_ROWS or CPY writing into that placeholder, through views or not; the
-    registry's inference sets ``view_of``; pure views do not count: they write nothing), the FUSED node computing it writes into ``src[i]``'s
-    memory, exactly as the root op does, and its result is a view of that source. Any other output
-    (including a view of a decomposition-internal value) is a value of its own: ``None``.
+    When the decomposition's output is an in-place op (SET_ROWS, CPY: the registry's inference sets
+    ``view_of``) whose memory belongs to placeholder ``i`` (directly or through views), the FUSED
+    node computing it writes into ``src[i]``'s memory, exactly as that op does, and its result is a
+    view of that source. Any other output -- a value of its own, a pure view (it writes nothing), a
+    write into a decomposition-internal value -- gives ``None``: the FUSED result is its own memory.
     """
     out = sub.outputs[0]
     root = out.root
