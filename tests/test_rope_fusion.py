@@ -363,3 +363,37 @@ def test_all_variants_pass_msl_shim_check():
 @requires_wgpu
 def test_all_variants_compile_with_naga():
     check_wgsl([emit(n, "wgsl") for n in all_variants()])
+
+
+# ---------------------------------------------------------------------------------------------
+# a kernel must not read the memory it writes in place
+
+
+def _rope_of_cache_into_cache():
+    """K read from the cache itself (a view of its first rows), roped and written back into it."""
+    b = GraphBuilder()
+    cache = b.weight("cache_k", "f32", (128, 8))
+    x = b.view(cache, (64, 2, 3), nb=(4, 256, cache.nb[1]), name="x")
+    pos = b.input("pos", "i32", (3,))
+    r = b.rope(x, pos, 64, 2, name="r")
+    v = b.reshape(r, (128, 3), name="v")
+    y = b.set_rows(cache, v, b.input("idx", "i32", (3,)), name="y")
+    return b.build([y])
+
+
+def test_near_miss_rope_reads_the_cache_it_writes():
+    _, report = rewrite(_rope_of_cache_into_cache(), ROPE)
+    assert not fused_patterns(report)
+    assert "which the match also reads through another source" in report.why_not("y")[0].reason
+
+
+def test_plan_refuses_an_in_place_node_reading_its_destination_elsewhere():
+    from fusec.errors import BackendError
+
+    b = GraphBuilder()
+    cache = b.weight("cache_k", "f32", (16, 8))
+    rows = b.view(cache, (16, 2), nb=(4, cache.nb[1]), name="rows")  # rows 0..1 of the cache itself
+    y = b.set_rows(cache, rows, b.input("idx", "i32", (2,)), name="y")
+    with pytest.raises(BackendError, match="'y' \\(SET_ROWS\\) writes slot .* 'cache_k' that the node reads"):
+        plan_buffers(b.build([y])).check()
+    plan_buffers(_rope_of_cache_into_cache()).check()  # unfused: ROPE computes into scratch first

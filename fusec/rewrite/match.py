@@ -231,6 +231,10 @@ def _escape(p: Pattern, st: _State, idx: GraphIndex) -> tuple[str, int] | None:
         t = st.nodes[id(pn)]
         if t.view_src is not None and t.op not in VIEW_OPS:
             if pn is p.root and id(t.view_src) in bound_roots:
+                readers = {id(s) for s in st.leaves.values() if s.root is t.view_src}
+                if len(readers) > 1:  # one kernel would read the memory it overwrites (no ordering)
+                    return (f"root {_label(pn, t)} ({t.op}) writes into '{t.view_src.name}', which the match also "
+                            "reads through another source", pn.pos.line)
                 continue  # the FUSED node writes into that source's memory, as the root does (fuse.py)
             where = "an interior node" if pn is not p.root else "memory no leaf variable binds"
             return (f"matched node {_label(pn, t)} ({t.op}) writes into '{t.view_src.name}' ({where}); only "

@@ -15,7 +15,8 @@ The safety rule (the bug class of ggml's ``ggml_cuda_check_fusion_memory_ranges`
 output buffer never aliases a buffer the node reads, except for the deliberate in-place ops
 SET_ROWS/CPY, whose output *is* their destination, and FUSED nodes whose decomposition ends in
 one of them (``fusec.rewrite.fuse.fused_alias_input``: the FUSED result is a view of the source it
-writes, e.g. ROPE -> VIEW -> SET_ROWS into a KV cache). :func:`plan_buffers` never produces such a
+writes, e.g. ROPE -> VIEW -> SET_ROWS into a KV cache); their other sources must not live in the
+destination's buffer either (one kernel would read memory it is overwriting). :func:`plan_buffers` never produces such a
 plan (a slot freed by a node's last read is only handed to nodes *after* it), and
 :meth:`BufferPlan.check` verifies it, so a plan built or edited any other way is refused.
 
@@ -37,6 +38,7 @@ from ..errors import BackendError
 from ..ir.graph import Graph
 from ..ir.ops import VIEW_OPS
 from ..ir.tensor import Tensor
+from ..rewrite.fuse import fused_alias_input
 
 SLOT_ALIGN = 16
 """Slot sizes are multiples of this many bytes (WebGPU needs 4; 16 keeps vector loads aligned)."""
@@ -159,7 +161,8 @@ class BufferPlan:
         Checked: every root has a slot of the right kind and size; scratch roots sharing a slot
         have disjoint lifetimes; and the safety rule -- no computing node's output slot is a slot
         it reads (sources, sources of FUSED nodes, memory reached through views), other than
-        SET_ROWS/CPY (or a FUSED node ending in one) writing their own destination.
+        SET_ROWS/CPY (or a FUSED node ending in one) writing their own destination
+        (:func:`destination`; their other sources must not live in that slot either).
         """
         order = self.graph.nodes
         for t in order:
@@ -183,11 +186,14 @@ class BufferPlan:
             if w is None:
                 continue
             ws = self.slot_of[w]
-            for r in read_roots(node):
-                if r is not w and self.slot_of[r] == ws:
+            dest = destination(node)
+            for s in node.src:
+                if s is None or s is dest:
+                    continue
+                if self.slot_of[s.root] == ws:
                     raise BackendError(
                         f"buffer plan: node {node.name!r} ({node.op}) writes slot {ws}, which also holds "
-                        f"{r.name!r} that the node reads: its output would overwrite its own input")
+                        f"{s.root.name!r} that the node reads: its output would overwrite its own input")
         live = lifetimes(self.graph)  # recomputed: the plan's own record is not trusted
         by_slot: dict[int, list[Tensor]] = {}
         for r in live:
@@ -277,6 +283,21 @@ def written_root(node: Tensor) -> Tensor | None:
     if node.is_leaf or node.op in VIEW_OPS:
         return None
     return node.root
+
+
+def destination(node: Tensor) -> Tensor | None:
+    """The source an in-place node writes into (SET_ROWS ``src[2]``, CPY ``src[1]``, a FUSED node's
+    ``src[fused_alias_input]``); ``None`` for nodes computing into memory of their own."""
+    if node.is_leaf or node.op in VIEW_OPS or not node.is_view:
+        return None
+    if node.op == "FUSED" and node.decomposition is not None:
+        i = fused_alias_input(node.decomposition)
+        return None if i is None else node.src[i]
+    slot = _DEST_SRC.get(node.op)
+    return None if slot is None else node.src[slot]
+
+
+_DEST_SRC = {"SET_ROWS": 2, "CPY": 1}  # ggml source order: the destination of the in-place ops
 
 
 def read_roots(node: Tensor) -> list[Tensor]:
@@ -390,5 +411,5 @@ def plan_buffers(graph: Graph, scratch: Mapping[Tensor, Sequence[tuple[str, int]
     return BufferPlan(graph, slots, slot_of, live, node_scratch)
 
 
-__all__ = ["INPLACE_OPS", "SLOT_ALIGN", "BufferPlan", "PlanStats", "Slot", "binding_root", "lifetimes", "plan_buffers",
-           "read_roots", "written_root"]
+__all__ = ["INPLACE_OPS", "SLOT_ALIGN", "BufferPlan", "PlanStats", "Slot", "binding_root", "destination", "lifetimes",
+           "plan_buffers", "read_roots", "written_root"]
