@@ -286,7 +286,7 @@ def _equivalence(backend, mode, shape, n_head, n_tok, ff, yarn, cache_dtype, wri
     w_ne = (head_dim, n_head) if w_bcast else (head_dim,)
     g, values = case(head_dim=head_dim, n_dims=n_dims, n_head=n_head, n_tok=n_tok, kv_size=n_tok + 3, mode=mode, ff=ff,
                      yarn=yarn, norm=norm, w_ne=w_ne, w_dtype=w_dtype, x_dtype=x_dtype, write=write,
-                     cache_dtype=cache_dtype, strided=strided, seed=seed)
+                     cache_dtype=cache_dtype, strided=strided, out_view=seed % 2 == 0, seed=seed)
     report, g2, out, ref, cache, ref_cache = run_fused(g, values, backend)
     assert report.total_matches == 1 and sum(t.op == "FUSED" for t in g2.nodes) == 1
     tol = F16_NMSE if (cache_dtype == "f16" and write) or "f16" in (x_dtype, w_dtype) else F32_NMSE
@@ -397,3 +397,70 @@ def test_plan_refuses_an_in_place_node_reading_its_destination_elsewhere():
     with pytest.raises(BackendError, match="'y' \\(SET_ROWS\\) writes slot .* 'cache_k' that the node reads"):
         plan_buffers(b.build([y])).check()
     plan_buffers(_rope_of_cache_into_cache()).check()  # unfused: ROPE computes into scratch first
+
+
+# ---------------------------------------------------------------------------------------------
+# a Qwen3-style attention block: q/k norm + RoPE, K written into the cache, attention reading it
+
+
+def qwen3_block(D=64, n_head=4, n_head_kv=2, n_tok=3, kv_size=16, kv_dtype="f16"):
+    """Q and K as Qwen3 builds them (projection -> RESHAPE [D, n_head, n_tok] -> RMS_NORM -> MUL(q/k_norm)
+    -> ROPE neox), K stored with VIEW -> SET_ROWS into ``cache_k`` (a weight: persistent), the attention
+    reading the cache through a view of the SET_ROWS result, V from a transposed ``cache_v``."""
+    b = GraphBuilder()
+    pos = b.input("pos", "i32", (n_tok,))
+    heads = {}
+    for tag, nh in (("q", n_head), ("k", n_head_kv)):
+        proj = b.input(f"{tag}_proj", "f32", (D * nh, n_tok))
+        t = b.reshape(proj, (D, nh, n_tok), name=f"{tag.upper()}cur (reshaped)")
+        t = b.mul(b.rms_norm(t, 1e-6, name=f"{tag}_norm_raw"), b.weight(f"{tag}_norm", "f32", (D,)),
+                  name=f"{tag.upper()}cur_normed")
+        heads[tag] = b.rope(t, pos, D, 2, freq_base=1e6, name=f"{tag.upper()}cur")
+    ck = b.weight("cache_k", kv_dtype, (D * n_head_kv, kv_size))
+    cv = b.weight("cache_v", kv_dtype, (kv_size * D * n_head_kv,))
+    k2 = b.view(heads["k"], (D * n_head_kv, n_tok), nb=(4, heads["k"].nb[2]), name="Kcur (view)")
+    stored = b.set_rows(ck, k2, b.input("k_idxs", "i32", (n_tok,)), name="cache_k_l0 (view)")
+    es = ck.dtype.size
+    k = b.view(stored, (D, kv_size, n_head_kv), nb=(es, es * D * n_head_kv, es * D), name="k")
+    v = b.view(cv, (kv_size, D, n_head_kv), nb=(es, es * kv_size, es * kv_size * D), name="v")
+    mask = b.input("kq_mask", "f32", (kv_size, n_tok))
+    kq = b.mul_mat(k, b.permute(heads["q"], 0, 2, 1, 3, name="q"), name="kq")
+    sm = b.soft_max_ext(kq, mask, scale=1.0 / np.sqrt(D), name="kq_soft_max")
+    kqv = b.mul_mat(v, sm, name="kqv")
+    out = b.cont(b.permute(kqv, 0, 2, 1, 3), (D * n_head, n_tok), name="kqv_out")
+    return b.build([out])
+
+
+def qwen3_values(g, step, n_tok=3, kv_size=16):
+    rng = np.random.default_rng(step)
+    vals = {t.name: rng.standard_normal(t.nelements).astype(t.dtype.np) for t in g.leaves}
+    pos = np.arange(n_tok, dtype=np.int32) + step * n_tok
+    vals.update(pos=pos, k_idxs=pos.copy(), q_norm=rng.uniform(0.5, 1.5, 64).astype(np.float32),
+                k_norm=rng.uniform(0.5, 1.5, 64).astype(np.float32))
+    vals["kq_mask"] = np.where(np.arange(kv_size)[None, :] <= pos[:, None], 0.0, -np.inf).astype(np.float32)
+    return vals
+
+
+@pytest.mark.parametrize("backend", ["numpy", pytest.param("wgpu", marks=requires_wgpu.mark),
+                                     pytest.param("cuda", marks=requires_cuda.mark)])
+def test_qwen3_block_fuses_norm_rope_and_cache_write_over_two_steps(backend):
+    g = qwen3_block()
+    g2, report = rewrite(g, ALL)
+    assert fused_patterns(report) == ["attention_flash", "rms_norm_mul_rope", "rms_norm_mul_rope_set_rows"]
+    lost = {(n.pattern, n.root): n.reason for n in report.not_fused}
+    assert "overlaps higher-benefit match rms_norm_mul_rope" in lost[("rms_norm_mul", "Qcur_normed")]
+    from fusec.backends import get_backend
+
+    be = get_backend(backend)
+    init = qwen3_values(g, 0)
+    weights = {k: init[k] for k in ("q_norm", "k_norm", "cache_k", "cache_v")}
+    be.set_weights(weights)
+    exe = be.compile(g2)
+    ref_w = {k: np.array(v, copy=True) for k, v in weights.items()}
+    for step in range(2):  # the second step's attention reads the K rows the first step wrote
+        vals = qwen3_values(g, step)
+        inputs = {t.name: vals[t.name] for t in g2.leaves if "weight" not in t.flags}
+        got = exe.run(inputs)["kqv_out"]
+        want = interpret(g, {**ref_w, **inputs})["kqv_out"]
+        assert nmse(got, want) <= F16_NMSE, step
+    assert nmse(be.read_weight("cache_k"), ref_w["cache_k"]) <= F16_NMSE
