@@ -464,3 +464,63 @@ def test_qwen3_block_fuses_norm_rope_and_cache_write_over_two_steps(backend):
         want = interpret(g, {**ref_w, **inputs})["kqv_out"]
         assert nmse(got, want) <= F16_NMSE, step
     assert nmse(be.read_weight("cache_k"), ref_w["cache_k"]) <= F16_NMSE
+
+
+# ---------------------------------------------------------------------------------------------
+# the family's general prologue: NORM and a chain of several steps (no shipped pattern uses them yet)
+
+NORM_CHAIN = """
+pattern norm_mul_add_rope_test {
+  match {
+    n = NORM(x) { eps: $eps }
+    m = MUL(n, w)
+    a = ADD(m, b)
+    y = ROPE(a, pos, _)
+  }
+  where {
+    can_repeat(w, n)
+    can_repeat(b, m)
+  }
+  rewrite NORM_MUL_ADD_ROPE(x, w, b, pos) kernel rope
+}
+"""
+
+
+def norm_chain_case(mode, x_dtype, seed):
+    from fusec.dsl import parse_patterns
+
+    (p,) = parse_patterns(NORM_CHAIN, "t.fuse")
+    rng = np.random.default_rng(seed)
+    b = GraphBuilder()
+    x = b.input("x", x_dtype, (96, 3, 4))
+    w = b.weight("w", "f32", (96,))
+    bias = b.weight("bias", x_dtype, (96, 3))
+    pos = b.input("pos", "i32", (4,))
+    y = b.rope(b.add(b.mul(b.norm(x, 1e-5, name="n"), w, name="m"), bias, name="a"), pos, 64, mode, name="y")
+    g = b.build([y])
+    vals = {t.name: rng.standard_normal(t.nelements).astype(t.dtype.np) * 2 + 0.5 for t in g.leaves}
+    vals["pos"] = rng.integers(0, 500, 4).astype(np.int32)
+    g2, report = rewrite(g, [p])
+    assert report.total_matches == 1
+    return g, g2, vals
+
+
+@requires_wgpu
+@pytest.mark.parametrize("mode", [0, 2])
+@pytest.mark.parametrize("x_dtype", ["f32", "f16"])
+def test_norm_chain_prologue_on_wgpu(mode, x_dtype):
+    from fusec.backends.wgpu_backend import WgpuBackend
+
+    g, g2, vals = norm_chain_case(mode, x_dtype, 3)
+    be = WgpuBackend()
+    be.set_weights({k: vals[k] for k in ("w", "bias")})
+    out = be.compile(g2).run({k: vals[k] for k in ("x", "pos")})["y"]
+    assert nmse(out, interpret(g, vals)["y"]) <= (F32_NMSE if x_dtype == "f32" else F16_NMSE)
+
+
+def test_norm_chain_prologue_compiles_for_cuda_and_msl():
+    nodes = [next(t for t in norm_chain_case(m, d, 0)[1].nodes if t.op == "FUSED")
+             for m in (0, 2) for d in ("f32", "f16")]
+    check_cuda([emit(n, "cuda") for n in nodes])
+    check_msl([emit(n, "msl") for n in nodes])
+    assert emit(nodes[0], "cuda").entry == "norm_mul_f32_add_f32_rope_norm_f32"
