@@ -16,7 +16,10 @@ Matching rules (see ``docs/patterns.md``):
   output nor used by any node outside the match, no leaf/wildcard may bind a matched node, and only
   the root may write into another tensor's memory (SET_ROWS, CPY), and only into the memory of a
   tensor a leaf variable binds (the FUSED node then writes into that source in place, see
-  ``fusec.rewrite.fuse.fused_alias_input``);
+  ``fusec.rewrite.fuse.fused_alias_input``). Interior values the pattern
+  declares with ``outputs(...)`` (multi-output fusion) are exempt from the first rule: they may be
+  graph outputs and have users outside the match (or none); then no source of the match may depend
+  on such a value through nodes outside the match (the fused node would need its own output);
 * the ``where`` clauses run in order; the first false one is the reason.
 """
 
@@ -47,6 +50,8 @@ class MatchResult:
         sources: the FUSED node's sources: the rewrite arguments in order, then the tensors matched
             by ``_`` wildcards that are present (pattern order).
         source_names: placeholder names for ``sources`` (variable names; ``_<i>`` for wildcards).
+        outputs: the tensors bound to the pattern's ``outputs(...)`` variables, in order (the fused
+            node's outputs ``1..``; empty for a single-output pattern).
     """
 
     pattern: Pattern
@@ -56,6 +61,7 @@ class MatchResult:
     captures: dict[str, Any]
     sources: list[Tensor]
     source_names: list[str]
+    outputs: list[Tensor] = field(default_factory=list)
 
     @property
     def benefit(self) -> int | float:
@@ -239,8 +245,11 @@ def _escape(p: Pattern, st: _State, idx: GraphIndex) -> tuple[str, int] | None:
             where = "an interior node" if pn is not p.root else "memory no leaf variable binds"
             return (f"matched node {_label(pn, t)} ({t.op}) writes into '{t.view_src.name}' ({where}); only "
                     "the root may write in place, into a fused input's memory", pn.pos.line)
+    declared = set(p.outputs)
     for pn in p.nodes[:-1]:
         t = st.nodes[id(pn)]
+        if pn.var is not None and pn.var in declared:
+            continue  # a declared output: may be a graph output and have users outside the match
         if id(t) in idx.outputs:
             return f"interior {_label(pn, t)} is a graph output", pn.pos.line
         outside = [u for u in idx.users.get(id(t), []) if id(u) not in matched]
@@ -254,6 +263,32 @@ def _escape(p: Pattern, st: _State, idx: GraphIndex) -> tuple[str, int] | None:
     for w, t in st.wild:
         if t is not None and id(t) in matched:
             return f"wildcard '_' is bound to matched node '{t.name}'", w.pos.line
+    if declared:
+        return _cycle(p, st, idx, matched)
+    return None
+
+
+def _cycle(p: Pattern, st: _State, idx: GraphIndex, matched: set[int]) -> tuple[str, int] | None:
+    """A declared output whose outside users lead (through nodes outside the match) to a source of
+    the match: fusing would make the FUSED node depend on its own output. Only nodes before the root
+    (topological order) can reach a source, so the search stops there."""
+    srcs = {id(t) for t in st.leaves.values()} | {id(t) for _, t in st.wild if t is not None}
+    limit = idx.topo[id(st.nodes[id(p.root)])]
+    by_var = {pn.var: pn for pn in p.nodes if pn.var is not None}
+    for name in p.outputs:
+        pn = by_var[name]
+        t = st.nodes[id(pn)]
+        stack = [u for u in idx.users.get(id(t), []) if id(u) not in matched]
+        seen: set[int] = set()
+        while stack:
+            u = stack.pop()
+            if id(u) in seen or idx.topo.get(id(u), limit) >= limit:
+                continue
+            seen.add(id(u))
+            if id(u) in srcs:
+                return (f"output {_label(pn, t)} reaches source '{u.name}' of the match through nodes outside "
+                        "it: the fused node would depend on its own output", pn.pos.line)
+            stack.extend(w for w in idx.users.get(id(u), []) if id(w) not in matched)
     return None
 
 
@@ -326,7 +361,7 @@ def match_at(pattern: Pattern, graph: Graph, node: Tensor, index: GraphIndex | N
                     sources.append(t)
                     names.append(f"_{i}")
             return MatchResult(pattern, node, [st.nodes[id(pn)] for pn in pattern.nodes], bindings,
-                               dict(st.captures), sources, names)
+                               dict(st.captures), sources, names, [bindings[v] for v in pattern.outputs])
         if first is None:
             first = NoMatch(pattern.name, node.name, kind, fail[0], pattern.file, fail[1], node)
     if first is not None:
