@@ -13,8 +13,10 @@ Matching rules (see ``docs/patterns.md``):
 * a variable used twice must bind the same tensor; two distinct pattern op nodes never bind the
   same graph node; sources the pattern does not write must be absent;
 * the *escape check* (always on): an interior node (matched, not the root) must not be a graph
-  output nor used by any node outside the match, no leaf/wildcard may bind a matched node, and no
-  matched node may write into another tensor's memory (SET_ROWS, CPY). Interior values the pattern
+  output nor used by any node outside the match, no leaf/wildcard may bind a matched node, and only
+  the root may write into another tensor's memory (SET_ROWS, CPY), and only into the memory of a
+  tensor a leaf variable binds (the FUSED node then writes into that source in place, see
+  ``fusec.rewrite.fuse.fused_alias_input``). Interior values the pattern
   declares with ``outputs(...)`` (multi-output fusion) are exempt from the first rule: they may be
   graph outputs and have users outside the match (or none); then no source of the match may depend
   on such a value through nodes outside the match (the fused node would need its own output);
@@ -230,11 +232,19 @@ def _label(pn: PNode, t: Tensor) -> str:
 
 def _escape(p: Pattern, st: _State, idx: GraphIndex) -> tuple[str, int] | None:
     matched = {id(st.nodes[id(pn)]) for pn in p.nodes}
+    bound_roots = {id(t.root) for t in st.leaves.values()}
     for pn in p.nodes:
         t = st.nodes[id(pn)]
         if t.view_src is not None and t.op not in VIEW_OPS:
-            return (f"matched node {_label(pn, t)} ({t.op}) writes into '{t.view_src.name}'; a FUSED node "
-                    "owns its memory", pn.pos.line)
+            if pn is p.root and id(t.view_src) in bound_roots:
+                readers = {id(s) for s in st.leaves.values() if s.root is t.view_src}
+                if len(readers) > 1:  # one kernel would read the memory it overwrites (no ordering)
+                    return (f"root {_label(pn, t)} ({t.op}) writes into '{t.view_src.name}', which the match also "
+                            "reads through another source", pn.pos.line)
+                continue  # the FUSED node writes into that source's memory, as the root does (fuse.py)
+            where = "an interior node" if pn is not p.root else "memory no leaf variable binds"
+            return (f"matched node {_label(pn, t)} ({t.op}) writes into '{t.view_src.name}' ({where}); only "
+                    "the root may write in place, into a fused input's memory", pn.pos.line)
     declared = set(p.outputs)
     for pn in p.nodes[:-1]:
         t = st.nodes[id(pn)]

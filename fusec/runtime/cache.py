@@ -40,6 +40,7 @@ from ..backends.base import Backend, Executable
 from ..ir.graph import Graph
 from ..ir.ops import VIEW_OPS
 from ..ir.tensor import Tensor
+from ..rewrite.fuse import fused_alias_input
 from .key import CacheError, StructuralKey, check_inputs, is_dynamic_view, structural_key
 
 PHASES = ("build_s", "rewrite_s", "codegen_s", "compile_s", "run_s")
@@ -119,6 +120,9 @@ def _view_parent(t: Tensor) -> Tensor | None:
         return t.src[2]
     if t.op == "CPY":
         return t.src[1]
+    if t.op == "FUSED" and t.decomposition is not None:
+        i = fused_alias_input(t.decomposition)  # a FUSED node writing into that source
+        return None if i is None else t.src[i]
     return None
 
 
