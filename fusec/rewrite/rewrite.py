@@ -11,7 +11,7 @@ from ..ir.builder import GraphBuilder
 from ..ir.graph import Graph
 from ..ir.ops import REGISTRY, OpCheckError
 from ..ir.tensor import Tensor
-from .clone import clone_graph, copy_tensor
+from .clone import clone_graph, copy_params, copy_tensor
 from .fuse import make_fused_node
 from .match import GraphIndex, MatchResult, NoMatch, find_matches
 from .report import AppliedMatch, FusionReport, NotFused, PatternStats
@@ -58,12 +58,13 @@ def decomposition(m: MatchResult) -> Graph:
 def fused_params(m: MatchResult) -> dict:
     """FUSED params: ``{"pattern", "kernel", "fused_op", **captures}``."""
     p = m.pattern
-    return {"pattern": p.name, "kernel": p.kernel, "fused_op": p.fused_op, **m.captures}
+    return {"pattern": p.name, "kernel": p.kernel, "fused_op": p.fused_op, **copy_params(m.captures)}
 
 
 def op_rewrite_params(m: MatchResult) -> dict:
     """Params of the op a ``rewrite op`` match produces: the pattern's literals, captures resolved."""
-    return {k: (m.captures[v.name] if isinstance(v, Capture) else v) for k, v in m.pattern.rewrite_params.items()}
+    return {k: (copy_params(m.captures[v.name]) if isinstance(v, Capture) else v)
+            for k, v in m.pattern.rewrite_params.items()}
 
 
 def check_op_rewrite(m: MatchResult) -> NoMatch | None:
@@ -138,7 +139,10 @@ def rewrite(graph: Graph, patterns: Sequence[Pattern], max_iters: int = 16) -> t
     pats = sorted(patterns, key=lambda p: p.name)
     check_unique(pats)
     report = FusionReport({p.name: PatternStats(p.name, p.file, p.line) for p in pats}, max_iters=max_iters)
-    g = clone_graph(graph)
+    # Round 1 matches on ``graph`` itself (matching never mutates it) and ``apply_matches`` builds
+    # fresh tensors, re-running shape inference on every copied node; so ``graph`` is cloned only
+    # when nothing fuses (the result must still be a copy). Same result as cloning first.
+    g = graph
     fused_keys: set[tuple[str, str]] = set()
     failures: list[NotFused] = []
     converged = False
@@ -164,6 +168,8 @@ def rewrite(graph: Graph, patterns: Sequence[Pattern], max_iters: int = 16) -> t
             fused_keys.add((m.pattern.name, m.root.name))
         g = apply_matches(g, accepted)
         report.rounds = rnd
+    if g is graph:
+        g = clone_graph(graph)
     if not converged:
         report.hit_max_iters = bool(find_matches(g, pats)[0])
     seen: set[tuple[str, str, str]] = set()
