@@ -24,6 +24,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from .._gc import paused
 from ..dsl.ast import Absent, Call, Capture, LeafVar, Num, Pattern, PNode, Str, VarRef, Wildcard
 from ..dsl.predicates import EvalContext, EvalError, evaluate, show
 from ..errors import PatternError
@@ -414,6 +415,12 @@ def find_matches(graph: Graph, patterns: Sequence[Pattern],
     visited by name and candidates in topological order, so both lists are deterministic and
     independent of the order of ``patterns``. Structural non-matches are not listed.
     """
+    with paused():  # see fusec._gc
+        return _find_matches(graph, patterns, index)
+
+
+def _find_matches(graph: Graph, patterns: Sequence[Pattern],
+                  index: GraphIndex | None) -> tuple[list[MatchResult], list[NoMatch]]:
     idx = index if index is not None else GraphIndex.of(graph)
     found: list[MatchResult] = []
     failed: list[NoMatch] = []

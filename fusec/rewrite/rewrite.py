@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from .._gc import paused
 from ..dsl.ast import Capture, Pattern
 from ..dsl.checker import check_unique
 from ..ir.builder import GraphBuilder
@@ -136,6 +137,11 @@ def rewrite(graph: Graph, patterns: Sequence[Pattern], max_iters: int = 16) -> t
     ``patterns``. Raises :class:`fusec.errors.PatternError` for duplicate pattern names or a
     where-clause that cannot be evaluated, :class:`fusec.errors.GraphError` if ``graph`` is invalid.
     """
+    with paused():  # see fusec._gc: no collector passes over the rewrite's short-lived objects
+        return _rewrite(graph, patterns, max_iters)
+
+
+def _rewrite(graph: Graph, patterns: Sequence[Pattern], max_iters: int) -> tuple[Graph, FusionReport]:
     pats = sorted(patterns, key=lambda p: p.name)
     check_unique(pats)
     report = FusionReport({p.name: PatternStats(p.name, p.file, p.line) for p in pats}, max_iters=max_iters)
