@@ -211,6 +211,7 @@ class GraphCache:
 
     def _compile(self, graph: Graph, key: StructuralKey, build_s: float, timing: dict[str, Any],
                  t0: float) -> CacheEntry:
+        from .._gc import paused  # noqa: PLC0415
         from ..codegen import diskcache  # noqa: PLC0415
 
         t1 = time.perf_counter()
@@ -222,7 +223,8 @@ class GraphCache:
             run_graph, report = rewrite(graph, self.patterns)
         t2 = time.perf_counter()
         emit0 = diskcache.STATS.emit_s
-        exe = self.backend.compile(run_graph)
+        with paused():  # see fusec._gc: codegen + plan allocate many short-lived objects
+            exe = self.backend.compile(run_graph)
         t3 = time.perf_counter()
         codegen = diskcache.STATS.emit_s - emit0
         cold = {"build_s": build_s, "rewrite_s": t2 - t1, "codegen_s": codegen,
