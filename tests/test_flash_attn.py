@@ -381,11 +381,16 @@ def test_block_sizes_per_backend_and_scratch_sizes():
     y = _variants()[0]  # D 64, n_q 1, f16, f16 mask
     for be in ("wgsl", "cuda", "msl"):
         seq = emit_all(y, be)
-        assert [k.meta["role"] for k in seq.kernels] == ["prepass", "attention", "reduce"]
-        assert seq.kernels[1].workgroup_size[0] == (128 if be == "cuda" else KV_BLOCK[be])
-        n_split = seq.kernels[1].meta["n_split"]
+        cuda = be == "cuda"  # + the list of the blocks not skipped per (head group, row group, sequence)
+        assert [k.meta["role"] for k in seq.kernels] == ["prepass", *(["blocklist"] if cuda else []), "attention",
+                                                         "reduce"]
+        att = seq.kernels[-2]
+        assert att.workgroup_size[0] == (128 if cuda else KV_BLOCK[be])
+        n_split = att.meta["n_split"]
         assert seq.scratch_bytes("partials") == 4 * 8 * n_split * (64 + 2)
         assert seq.scratch_bytes("flags") == 4 * (512 // KV_BLOCK[be])
+        if cuda:  # G = 4 heads per block: 2 head groups x 1 row group, n_blocks + 1 entries each
+            assert seq.scratch_bytes("blist") == 4 * 2 * (512 // 32 + 1)
     assert KV_BLOCK["cuda"] == KV_BLOCK["msl"] == 32
 
 

@@ -82,7 +82,7 @@ def test_sequence_matches_interpreter(D, n_q, gqa, n_kv, kv_dtype, mask_kind):
     the captured CUDA graph == the eager run, bit for bit."""
     y, g, vals = fa_case(1000 + D + n_q, D, D, n_q, 8, gqa, n_kv, kv_dtype=kv_dtype, mask_kind=mask_kind, kb=KB)
     exe = _backend(use_graphs=True).compile(g)
-    want = ["prepass", "attention", "reduce"] if n_q <= 8 else ["prepass", "attention"]
+    want = ["prepass", "blocklist", "attention", "reduce"] if n_q <= 8 else ["prepass", "attention"]
     assert roles(exe) == want
     state: dict = {}
     eager = run_cuda(exe, y, vals, state)
@@ -103,7 +103,7 @@ def test_multi_sequence_block_diagonal(D, layout):
     y, g, vals = multi_seq_case(7 + D, D, 8, 4, 4, 96, layout)
     on = _backend(use_graphs=True).compile(g)
     off = _backend(use_graphs=True, flash_attn_skip=False).compile(g)
-    assert roles(on) == ["prepass", "attention", "reduce"] and "prepass" not in roles(off)
+    assert roles(on) == ["prepass", "blocklist", "attention", "reduce"] and roles(off) == ["attention", "reduce"]
     got_on, got_off = run_cuda(on, y, vals, {}), run_cuda(off, y, vals, {})
     ref = interpret(g, vals)["y"].reshape(-1)  # no row is fully masked
     assert not np.isnan(got_on).any() and nmse(got_on, ref) <= FA_NMSE, nmse(got_on, ref)

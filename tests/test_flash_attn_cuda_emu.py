@@ -43,7 +43,7 @@ def test_decode_matches_interpreter(D, Dv, n_q, n_head, gqa, n_kv, kv, mdt, kind
     y, g, vals = fa_case(17 + D + n_kv, D, Dv, n_q, n_head, gqa, n_kv, kv_dtype=kv, mask_dtype=mdt, mask_kind=kind,
                          softcap=softcap, max_bias=max_bias, kb=32)
     seq = emit_flash_attn_seq(y, "cuda")
-    att = seq.kernels[-2 if seq.kernels[-1].meta["role"] == "reduce" else -1]
+    att = next(k for k in seq.kernels if k.meta["role"] == "attention")
     assert att.meta["variant"] == "vec" and att.workgroup_size == (128, 1, 1)
     assert att.meta["heads_per_block"] == min(gqa, 8)
     got = cuda_emu.run_sequence(seq, vals)["dst"]
@@ -68,7 +68,8 @@ def test_fully_masked_rows_and_split_variants():
 @pytest.mark.parametrize("layout", ["seq", "ggml"])
 def test_multi_sequence_flags_and_result(layout):
     """4 sequences x 96 cells, GQA 4: == interpreter, skipping on == off; the pre-pass flags (one query
-    row per group) mark each sequence's own blocks 2 and the others 0 in both layouts."""
+    row per group) mark each sequence's own blocks 2 and the others 0 in both layouts, and each block
+    list holds exactly the sequence's own blocks."""
     y, g, vals = multi_seq_case(3, 128, 8, 4, 4, 96, layout)
     seq = emit_flash_attn_seq(y, "cuda")
     out = cuda_emu.run_sequence(seq, vals)
@@ -79,6 +80,11 @@ def test_multi_sequence_flags_and_result(layout):
     n_blocks = 4 * 96 // 32
     want = np.where(np.arange(n_blocks)[None, :] * 32 // 96 == np.arange(4)[:, None], 2, 0)
     np.testing.assert_array_equal(out["flags"][:4 * n_blocks].reshape(4, n_blocks), want)
+    # block lists L = z * 2 + hg (2 head groups of G = 4; z = the sequence in both layouts): own 3 blocks
+    bl = out["blist"].reshape(8, n_blocks + 1)
+    for L in range(8):
+        s = L // 2
+        assert bl[L, 0] == 3 and list(bl[L, 1:4]) == [3 * s, 3 * s + 1, 3 * s + 2], bl[L]
 
 
 def test_prepass_flags_equal_numpy_for_tile_blocks():
@@ -128,7 +134,7 @@ def test_split_heuristic_for_the_benchmark_shapes():
         y = bld.flash_attn_ext(q, k, v, m, scale=0.1)
         pl = choose_plan(attn_operands(y), "cuda")
         assert (pl.g, pl.qr, pl.kb, pl.n_split) == (4, 1, 32, want_split)
-        att = emit_flash_attn_seq(y, "cuda").kernels[1]
+        att = next(k for k in emit_flash_attn_seq(y, "cuda").kernels if k.meta["role"] == "attention")
         assert att.grid == (want_split, 8, n_seq) and np.prod(att.grid) == want_blocks
 
 
@@ -151,6 +157,7 @@ def test_strided_k_and_v():
     ref = interpret(g, vals)["y"].reshape(-1)
     for kw in ({}, {"rows": 2}):
         seq = emit_flash_attn_seq(y, "cuda", **kw)
-        assert "_kv" not in seq.kernels[1].entry and "_vv" not in seq.kernels[1].entry
+        att = next(k for k in seq.kernels if k.meta["role"] == "attention")
+        assert "_kv" not in att.entry and "_vv" not in att.entry
         got = cuda_emu.run_sequence(seq, vals)["dst"]
         assert not np.isnan(got).any() and nmse(got, ref) <= FA_NMSE, kw

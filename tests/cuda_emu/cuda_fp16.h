@@ -110,3 +110,18 @@ template <typename F, typename... A> void emu_launch(F f, uint3 grid, uint3 bloc
                 for (auto& t : th) t.join();
             }
 }
+
+inline unsigned __ballot_sync(unsigned, int pred) {
+    const int p = pred != 0;
+    std::memcpy(emu_warp->buf[emu_lane], &p, sizeof(int));
+    emu_warp->bar.arrive_and_wait();
+    unsigned bal = 0;
+    for (int i = 0; i < 32; i++) {
+        int x;
+        std::memcpy(&x, emu_warp->buf[i], sizeof(int));
+        if (x) bal |= 1u << i;
+    }
+    emu_warp->bar.arrive_and_wait();
+    return bal;
+}
+inline int __popc(unsigned x) { return __builtin_popcount(x); }

@@ -185,6 +185,15 @@ class Plan:
         return 32 * CUDA_WARPS if self.cuda_vec else self.kb
 
     @property
+    def block_list(self) -> bool:
+        """CUDA vec with skipping: a kernel after the pre-pass lists, per (head group, sequence, row
+        group), the KV blocks not skipped; the splits divide that list evenly (no idle splits)."""
+        return self.cuda_vec and self.skip
+
+    def n_lists(self, a: Attn) -> int:
+        return (a.n_head // self.g) * a.n_seq * ceil_div(a.n_q, self.qr)
+
+    @property
     def split(self) -> bool:
         return self.n_split > 1
 
@@ -351,6 +360,8 @@ def main_kernel(node: Tensor, a: Attn, pl: Plan, backend: str) -> Kernel:
         bindings.append(Binding("mask", a.mask, a.mask.dtype))
     if pl.skip:
         bindings.append(Binding("flags", None, I32, scratch="flags"))
+    if pl.block_list:
+        bindings.append(Binding("blist", None, I32, scratch="blist"))
     if pl.split:
         bindings.append(Binding("partials", None, F32, write=True, scratch="partials"))
     else:
@@ -427,6 +438,22 @@ def cuda_vec_layout(a: Attn, pl: Plan) -> dict:
             "mask_f16": a.mask is not None and a.mask.dtype == F16}
 
 
+BLOCK_LIST_THREADS = 256
+
+
+def block_list_kernel(node: Tensor, a: Attn, pl: Plan, backend: str) -> Kernel:
+    """CUDA vec with skipping: one workgroup per list ``L = (s * n_groups + grp) * (n_head / G) + hg``
+    writes ``blist[L * (n_blocks + 1)] = count`` and then, in ascending order, the KV blocks that some
+    column of the block (G heads x QR rows) does not skip (pre-pass flag != 0)."""
+    bindings = [Binding("flags", None, I32, scratch="flags"), Binding("blist", None, I32, write=True, scratch="blist")]
+    params = _common_params(a, pl)
+    entry = f"flash_attn_block_list_g{pl.g}"
+    src = _render(backend, kind="blocklist", entry=entry, node_name=node.name, bindings=bindings,
+                  elem_types=_types(backend, bindings), params=params, threads=BLOCK_LIST_THREADS, g=pl.g)
+    return Kernel(backend, "flash_attn", entry, src, bindings, params, (BLOCK_LIST_THREADS, 1, 1),
+                  (pl.n_lists(a), 1, 1), node, {"role": "blocklist"})
+
+
 def reduce_kernel(node: Tensor, a: Attn, pl: Plan, backend: str) -> Kernel:
     """Combine the split partials: one workgroup of :data:`REDUCE_THREADS` per (row, head, seq)."""
     bindings = [Binding("partials", None, F32, scratch="partials"), Binding("dst", node, F32, write=True)]
@@ -444,7 +471,8 @@ def emit_flash_attn_seq(node: Tensor, backend: str, *, kv_block: int | None = No
                         skip: bool = True, variant: str | None = None, rows: int | None = None) -> KernelSequence:
     """The kernel sequence of ``node`` (see the module docstring); keyword arguments as
     :func:`choose_plan`. Scratch: ``flags`` (i32, n_blocks * n_groups * m2 * m3) with skipping,
-    ``partials`` (f32, n_q * n_head * n_seq * n_split * (Dv + 2)) with a split.
+    ``blist`` (i32, lists * (n_blocks + 1)) with skipping on the CUDA vec kernel, ``partials`` (f32,
+    n_q * n_head * n_seq * n_split * (Dv + 2)) with a split.
 
     Raises :class:`CodegenError` for an unsupported head size or dtype, a non-attention node, or a
     FUSED node whose decomposition is not the attention chain."""
@@ -458,6 +486,9 @@ def emit_flash_attn_seq(node: Tensor, backend: str, *, kv_block: int | None = No
         n = ceil_div(a.n_kv, pl.kb) * ceil_div(a.n_q, pl.qr) * int(a.mask.ne[2] * a.mask.ne[3])
         scratch.append(Scratch("flags", 4 * n))
         kernels.append(prepass_kernel(node, a, pl, backend))
+    if pl.block_list:
+        scratch.append(Scratch("blist", 4 * pl.n_lists(a) * (ceil_div(a.n_kv, pl.kb) + 1)))
+        kernels.append(block_list_kernel(node, a, pl, backend))
     kernels.append(main_kernel(node, a, pl, backend))
     if pl.split:
         scratch.append(Scratch("partials", 4 * a.n_q * a.n_head * a.n_seq * pl.n_split * (a.Dv + 2)))
