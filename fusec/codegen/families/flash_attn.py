@@ -18,6 +18,13 @@ A node is computed by a :class:`~fusec.codegen.kernel.KernelSequence` (:func:`em
 3. ``flash_attn_reduce`` (only with ``n_split > 1``): per (row, head, seq), ``M = max M_i``,
    ``out = sum_i e^(M_i - M) acc_i / sum_i e^(M_i - M) S_i`` (0 when the sum is 0).
 
+On CUDA the decode (``vec``) path is its own design (``templates/cuda/flash_attn.cu.j2``, see
+:func:`cuda_vec_layout` and docs/flash-attention.md): one query row per row group, a
+``flash_attn_block_list`` kernel after the pre-pass listing the blocks not skipped, an attention
+kernel of 4 warps per (split, GQA head group, row group x sequence) walking whole KV blocks with the q
+of all the group's heads in registers (coalesced K/V rows, reduce-scattered dots, per-warp online
+softmax), and its own reduction.
+
 :func:`emit_flash_attn` (the registered single-kernel form, what :func:`fusec.codegen.emit` returns)
 is the attention kernel without pre-pass or split, writing the result directly: correct on its own
 for backends that run one kernel per node.
