@@ -26,12 +26,12 @@ L2 flushed between repetitions) of the CUDA graph replay (fusec), of each fusec 
   + written over time).
 
 fusec variants: ``fusec_skip`` (the default plan), ``fusec_noskip`` (no pre-pass: every block loaded,
-the mask read), ``fusec_skip_bps8`` / ``fusec_skip_bps64`` (split-heuristic probes: KV blocks per split
-in 4..8 / 4..64 instead of ``flash_attn.CUDA_MIN_BPS..CUDA_MAX_BPS`` = 4..16; with skipping the splits
-share the visible blocks, so 4seq gets ~2 / ~15 visible blocks per split instead of 4), ``fusec_ggml_layout``
-(4seq only). GB/s = visible K/V bytes (the cells some query may see, K and V, every KV head) over time;
-``% copy`` = that over the copy ceiling. The JSON (``--out``) is rewritten after every case. About 60 s
-on an H200 without ``--flex``.
+the mask read), ``fusec_skip_bps8`` / ``_bps32`` / ``_bps64`` (split-heuristic probes: KV blocks per split
+in 4..8 / 4..32 / 4..64 instead of ``flash_attn.CUDA_MIN_BPS..CUDA_MAX_BPS`` = 4..16; with skipping the
+splits share the visible blocks, so 4seq gets ~2 / ~8 / ~15 visible blocks per split instead of 4),
+``fusec_ggml_layout`` (4seq only). GB/s = visible K/V bytes (the cells some query may see, K and V,
+every KV head) over time; ``% copy`` = that over the copy ceiling. The JSON (``--out``) is rewritten
+after every case. About a minute on an H200 without ``--flex``.
 
 Usage: python bench/bench_flash_attn.py --out results.json [--all] [--flex] [--dry]
 ``--dry`` (no GPU needed) builds every case at a tiny size and checks the reference against fusec's
@@ -167,14 +167,14 @@ def nmse(out, ref) -> float:
 
 
 FUSEC_VARIANTS = [("fusec_skip", "seq", True, None), ("fusec_noskip", "seq", False, None),
-                  ("fusec_skip_bps8", "seq", True, (4, 8)), ("fusec_skip_bps64", "seq", True, (4, 64)),
-                  ("fusec_ggml_layout", "ggml", True, None)]
+                  ("fusec_skip_bps8", "seq", True, (4, 8)), ("fusec_skip_bps32", "seq", True, (4, 32)),
+                  ("fusec_skip_bps64", "seq", True, (4, 64)), ("fusec_ggml_layout", "ggml", True, None)]
 
 
 def variants_for(c: Case) -> list[tuple[str, str, bool, tuple[int, int] | None]]:
     """fusec variants (name, layout, skip, (min, max) KV blocks per split or None for the default); the
     ggml layout only with several sequences."""
-    return FUSEC_VARIANTS if c.n_seq > 1 else FUSEC_VARIANTS[:4]
+    return FUSEC_VARIANTS if c.n_seq > 1 else FUSEC_VARIANTS[:-1]
 
 
 @contextlib.contextmanager
