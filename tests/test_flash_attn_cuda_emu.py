@@ -161,3 +161,25 @@ def test_strided_k_and_v():
         assert "_kv" not in att.entry and "_vv" not in att.entry
         got = cuda_emu.run_sequence(seq, vals)["dst"]
         assert not np.isnan(got).any() and nmse(got, ref) <= FA_NMSE, kw
+
+
+def test_block_list_over_several_chunks(monkeypatch):
+    """The block-list kernel's loop over chunks of its threads (here 128 threads, 141 KV blocks: 2
+    chunks; on the device only past 32768 cells), a sliding window keeping a few blocks per list."""
+    from fusec.codegen.families import flash_attn as fa
+
+    monkeypatch.setattr(fa, "BLOCK_LIST_MAX_THREADS", 128)
+    y, g, vals = fa_case(31, 64, 64, 2, 4, 4, 4500, kv_dtype="f16", mask_kind="random", kb=32)
+    m = vals["mask"]
+    m[:, :, :4000] = -np.inf  # only the last ~16 blocks visible, and random -inf blocks among them
+    seq = emit_flash_attn_seq(y, "cuda")
+    bk = next(k for k in seq.kernels if k.meta["role"] == "blocklist")
+    assert bk.workgroup_size == (128, 1, 1)
+    out = cuda_emu.run_sequence(seq, vals)
+    check_against_interp(y, g, vals, out["dst"])
+    n_blocks = -(-4500 // 32)
+    flags = out["flags"][:2 * n_blocks].reshape(2, n_blocks)  # [row group][block]
+    bl = out["blist"].reshape(2, n_blocks + 1)  # lists L = z (= row group) * 1 head group
+    for r in range(2):
+        want = np.flatnonzero(flags[r] != 0)
+        assert bl[r, 0] == len(want) and list(bl[r, 1:1 + len(want)]) == list(want)

@@ -445,19 +445,21 @@ def cuda_vec_layout(a: Attn, pl: Plan) -> dict:
             "mask_f16": a.mask is not None and a.mask.dtype == F16}
 
 
-BLOCK_LIST_THREADS = 256
+BLOCK_LIST_MAX_THREADS = 1024
 
 
 def block_list_kernel(node: Tensor, a: Attn, pl: Plan, backend: str) -> Kernel:
     """CUDA vec with skipping: one workgroup per list ``L = (s * n_groups + grp) * (n_head / G) + hg``
     writes ``blist[L * (n_blocks + 1)] = count`` and then, in ascending order, the KV blocks that some
-    column of the block (G heads x QR rows) does not skip (pre-pass flag != 0)."""
+    column of the block (G heads x QR rows) does not skip (pre-pass flag != 0). Threads: n_blocks
+    rounded up to a power of two in 128..1024 (one pass over the flags up to 1024 blocks)."""
     bindings = [Binding("flags", None, I32, scratch="flags"), Binding("blist", None, I32, write=True, scratch="blist")]
     params = _common_params(a, pl)
-    entry = f"flash_attn_block_list_g{pl.g}"
+    threads = min(BLOCK_LIST_MAX_THREADS, max(128, _pow2_at_least(ceil_div(a.n_kv, pl.kb))))
+    entry = f"flash_attn_block_list_g{pl.g}_t{threads}"
     src = _render(backend, kind="blocklist", entry=entry, node_name=node.name, bindings=bindings,
-                  elem_types=_types(backend, bindings), params=params, threads=BLOCK_LIST_THREADS, g=pl.g)
-    return Kernel(backend, "flash_attn", entry, src, bindings, params, (BLOCK_LIST_THREADS, 1, 1),
+                  elem_types=_types(backend, bindings), params=params, threads=threads, g=pl.g)
+    return Kernel(backend, "flash_attn", entry, src, bindings, params, (threads, 1, 1),
                   (pl.n_lists(a), 1, 1), node, {"role": "blocklist"})
 
 
