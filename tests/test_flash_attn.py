@@ -389,8 +389,8 @@ def test_block_sizes_per_backend_and_scratch_sizes():
         n_split = att.meta["n_split"]
         assert seq.scratch_bytes("partials") == 4 * 8 * n_split * (64 + 2)
         assert seq.scratch_bytes("flags") == 4 * (512 // KV_BLOCK[be])
-        if cuda:  # G = 4 heads per block: 2 head groups x 1 row group, n_blocks + 1 entries each
-            assert seq.scratch_bytes("blist") == 4 * 2 * (512 // 32 + 1)
+        if cuda:  # G = 4 heads per block: 2 head groups x 1 row group, (count, pad) + (block, flags) pairs
+            assert seq.scratch_bytes("blist") == 4 * 2 * 2 * (512 // 32 + 1)
     assert KV_BLOCK["cuda"] == KV_BLOCK["msl"] == 32
 
 

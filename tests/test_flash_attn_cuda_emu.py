@@ -80,11 +80,12 @@ def test_multi_sequence_flags_and_result(layout):
     n_blocks = 4 * 96 // 32
     want = np.where(np.arange(n_blocks)[None, :] * 32 // 96 == np.arange(4)[:, None], 2, 0)
     np.testing.assert_array_equal(out["flags"][:4 * n_blocks].reshape(4, n_blocks), want)
-    # block lists L = z * 2 + hg (2 head groups of G = 4; z = the sequence in both layouts): own 3 blocks
-    bl = out["blist"].reshape(8, n_blocks + 1)
+    # block lists L = z * 2 + hg (2 head groups of G = 4; z = the sequence in both layouts): count, then
+    # (block, flags of the 4 heads, 2 bits each) pairs: the own 3 blocks, every head's flag 2 (all zero)
+    bl = out["blist"].reshape(8, 2 * (n_blocks + 1))
     for L in range(8):
         s = L // 2
-        assert bl[L, 0] == 3 and list(bl[L, 1:4]) == [3 * s, 3 * s + 1, 3 * s + 2], bl[L]
+        assert bl[L, 0] == 3 and list(bl[L, 2:8]) == [3 * s, 170, 3 * s + 1, 170, 3 * s + 2, 170], bl[L]
 
 
 def test_prepass_flags_equal_numpy_for_tile_blocks():
@@ -179,7 +180,9 @@ def test_block_list_over_several_chunks(monkeypatch):
     check_against_interp(y, g, vals, out["dst"])
     n_blocks = -(-4500 // 32)
     flags = out["flags"][:2 * n_blocks].reshape(2, n_blocks)  # [row group][block]
-    bl = out["blist"].reshape(2, n_blocks + 1)  # lists L = z (= row group) * 1 head group
+    bl = out["blist"].reshape(2, 2 * (n_blocks + 1))  # lists L = z (= row group) * 1 head group
     for r in range(2):
-        want = np.flatnonzero(flags[r] != 0)
-        assert bl[r, 0] == len(want) and list(bl[r, 1:1 + len(want)]) == list(want)
+        want = np.flatnonzero(flags[r] != 0)  # G = 4 heads, one mask batch: the same flag 4 times
+        pairs = bl[r, 2:2 + 2 * len(want)].reshape(-1, 2)
+        assert bl[r, 0] == len(want) and list(pairs[:, 0]) == list(want)
+        assert list(pairs[:, 1]) == [f * 0b01010101 for f in flags[r][want]]

@@ -365,10 +365,10 @@ def main_kernel(node: Tensor, a: Attn, pl: Plan, backend: str) -> Kernel:
     bindings = [Binding("q", a.q, a.q.dtype), Binding("k", a.k, a.k.dtype), Binding("v", a.v, a.v.dtype)]
     if a.mask is not None:
         bindings.append(Binding("mask", a.mask, a.mask.dtype))
-    if pl.skip:
-        bindings.append(Binding("flags", None, I32, scratch="flags"))
-    if pl.block_list:
+    if pl.block_list:  # the list carries the flags of the listed blocks
         bindings.append(Binding("blist", None, I32, scratch="blist"))
+    elif pl.skip:
+        bindings.append(Binding("flags", None, I32, scratch="flags"))
     if pl.split:
         bindings.append(Binding("partials", None, F32, write=True, scratch="partials"))
     else:
@@ -450,8 +450,9 @@ BLOCK_LIST_MAX_THREADS = 1024
 
 def block_list_kernel(node: Tensor, a: Attn, pl: Plan, backend: str) -> Kernel:
     """CUDA vec with skipping: one workgroup per list ``L = (s * n_groups + grp) * (n_head / G) + hg``
-    writes ``blist[L * (n_blocks + 1)] = count`` and then, in ascending order, the KV blocks that some
-    column of the block (G heads x QR rows) does not skip (pre-pass flag != 0). Threads: n_blocks
+    writes, at ``blist[L * 2 * (n_blocks + 1)]``, ``count, 0`` and then, in ascending block order, the
+    pairs ``(b, sum_i flag_i << 2i)`` of the KV blocks b that some column of the attention block (G heads
+    x QR rows) does not skip (pre-pass flag != 0; ``flag_i`` of head ``hg*G + i``). Threads: n_blocks
     rounded up to a power of two in 128..1024 (one pass over the flags up to 1024 blocks)."""
     bindings = [Binding("flags", None, I32, scratch="flags"), Binding("blist", None, I32, write=True, scratch="blist")]
     params = _common_params(a, pl)
@@ -480,7 +481,7 @@ def emit_flash_attn_seq(node: Tensor, backend: str, *, kv_block: int | None = No
                         skip: bool = True, variant: str | None = None, rows: int | None = None) -> KernelSequence:
     """The kernel sequence of ``node`` (see the module docstring); keyword arguments as
     :func:`choose_plan`. Scratch: ``flags`` (i32, n_blocks * n_groups * m2 * m3) with skipping,
-    ``blist`` (i32, lists * (n_blocks + 1)) with skipping on the CUDA vec kernel, ``partials`` (f32,
+    ``blist`` (i32, lists * 2 * (n_blocks + 1)) with skipping on the CUDA vec kernel, ``partials`` (f32,
     n_q * n_head * n_seq * n_split * (Dv + 2)) with a split.
 
     Raises :class:`CodegenError` for an unsupported head size or dtype, a non-attention node, or a
@@ -496,7 +497,7 @@ def emit_flash_attn_seq(node: Tensor, backend: str, *, kv_block: int | None = No
         scratch.append(Scratch("flags", 4 * n))
         kernels.append(prepass_kernel(node, a, pl, backend))
     if pl.block_list:
-        scratch.append(Scratch("blist", 4 * pl.n_lists(a) * (ceil_div(a.n_kv, pl.kb) + 1)))
+        scratch.append(Scratch("blist", 4 * pl.n_lists(a) * 2 * (ceil_div(a.n_kv, pl.kb) + 1)))
         kernels.append(block_list_kernel(node, a, pl, backend))
     kernels.append(main_kernel(node, a, pl, backend))
     if pl.split:
