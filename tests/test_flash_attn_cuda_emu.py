@@ -186,3 +186,13 @@ def test_block_list_over_several_chunks(monkeypatch):
         pairs = bl[r, 2:2 + 2 * len(want)].reshape(-1, 2)
         assert bl[r, 0] == len(want) and list(pairs[:, 0]) == list(want)
         assert list(pairs[:, 1]) == [f * 0b01010101 for f in flags[r][want]]
+
+
+@pytest.mark.parametrize("n_seq", [1, 2])
+def test_per_head_masks(n_seq):
+    """Masks per head (m2 = 2): the G = 4 heads of a block have different pre-pass flags (packed per head
+    in the block list); with 2 sequences also a KV batch per sequence."""
+    y, g, vals = fa_case(41 + n_seq, 64, 64, 2, 8, 4, 200, n_seq=n_seq, mask_kind="random", kb=32, mask_heads=2)
+    out = cuda_emu.run_sequence(emit_flash_attn_seq(y, "cuda"), vals)["dst"]
+    check_against_interp(y, g, vals, out)
+    assert nmse(run(y, vals, skip=False), out) <= 1e-10
