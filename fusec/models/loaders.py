@@ -11,6 +11,13 @@ Supported architectures (HF ``architectures`` / GGUF ``general.architecture``):
   ``llama``; its ``sliding_window`` is kept in ``cfg.sliding_window``, and read back from a GGUF's
   ``llama.attention.sliding_window``): rope mode 0 (normal, adjacent pairs).
 * ``Qwen2ForCausalLM`` / ``qwen2``: q/k/v biases, rope mode 2 (NEOX).
+* ``Gemma2ForCausalLM`` (HF only): rope NEOX, tied output, four norms per layer. HF's
+  ``post_attention_layernorm`` is Gemma-2's post-attention norm (GGUF ``post_attention_norm``), not
+  the FFN pre-norm (``pre_feedforward_layernorm`` -> ``ffn_norm``). Gemma's ``RMSNorm`` computes
+  ``x_normed * (1 + w)`` while llama.cpp multiplies by the stored weight, so ``convert_hf_to_gguf.py``
+  (``Gemma2Model.modify_tensors``) stores ``w + 1`` for every ``*norm.weight``; the HF loader adds 1
+  the same way.
+* ``Qwen3ForCausalLM`` (HF only): rope NEOX, ``self_attn.{q,k}_norm`` -> ``attn_{q,k}_norm``.
 
 **RoPE layout.** HF Llama/Mistral rotate the two *halves* of each head (``rotate_half``), while
 llama.cpp's ``llama`` graph rotates *adjacent pairs*; ``convert_hf_to_gguf.py``
@@ -65,18 +72,30 @@ _HF_LAYER = {
     "mlp.up_proj.weight": "ffn_up.weight",
     "mlp.down_proj.weight": "ffn_down.weight",
 }
+# Gemma-2's four norms per layer (HF Gemma2DecoderLayer -> llama.cpp gemma2 tensors)
+_HF_LAYER_GEMMA2 = {**_HF_LAYER,
+                    "post_attention_layernorm.weight": "post_attention_norm.weight",
+                    "pre_feedforward_layernorm.weight": "ffn_norm.weight",
+                    "post_feedforward_layernorm.weight": "post_ffw_norm.weight"}
+# Qwen3's per-head q/k norms
+_HF_LAYER_QWEN3 = {**_HF_LAYER,
+                   "self_attn.q_norm.weight": "attn_q_norm.weight",
+                   "self_attn.k_norm.weight": "attn_k_norm.weight"}
+_HF_LAYER_BY_ARCH = {"gemma2": _HF_LAYER_GEMMA2, "qwen3": _HF_LAYER_QWEN3, "qwen3moe": _HF_LAYER_QWEN3}
 _HF_LAYER_RE = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
 _HF_IGNORED_RE = re.compile(r"(^|\.)rotary_emb\.inv_freq$")  # buffers some older checkpoints saved
 
 
-def hf_to_gguf_name(name: str) -> str | None:
+def hf_to_gguf_name(name: str, arch: str = "llama") -> str | None:
     """GGUF name of an HF tensor name (``model.layers.3.self_attn.q_proj.weight`` ->
-    ``blk.3.attn_q.weight``), or ``None`` when the name has no counterpart."""
+    ``blk.3.attn_q.weight``), or ``None`` when the name has no counterpart. ``arch`` is the
+    llama.cpp architecture (``cfg.arch``): Gemma-2 and Qwen3 map extra norms (see the module doc)."""
     if name in _HF_GLOBAL:
         return _HF_GLOBAL[name]
+    table = _HF_LAYER_BY_ARCH.get(arch, _HF_LAYER)
     m = _HF_LAYER_RE.match(name)
-    if m and m.group(2) in _HF_LAYER:
-        return f"blk.{m.group(1)}.{_HF_LAYER[m.group(2)]}"
+    if m and m.group(2) in table:
+        return f"blk.{m.group(1)}.{table[m.group(2)]}"
     return None
 
 
@@ -93,6 +112,13 @@ def permute_rope_rows(w: np.ndarray, n_head: int) -> np.ndarray:
         raise ModelError(f"cannot permute {rows} rows into {n_head} heads of even size")
     half = rows // n_head // 2
     return np.ascontiguousarray(w.reshape(n_head, 2, half, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape))
+
+
+def gemma_norm_weight(w: np.ndarray) -> np.ndarray:
+    """Gemma's HF RMSNorm weight ``w`` (the model computes ``x_normed * (1 + w)``) as llama.cpp
+    stores it: ``w + 1`` in float32 (``convert_hf_to_gguf.py`` ``Gemma2Model.modify_tensors``).
+    Returns a new array of ``w``'s shape."""
+    return np.asarray(w, dtype=np.float32) + np.float32(1.0)
 
 
 def load_model(path: str | Path, *, weight_dtype: DType | str = "f32"
@@ -321,7 +347,9 @@ def load_hf(path: str | Path, *, weight_dtype: DType | str = "f32"
     Tensors are read through safetensors' memory map (``safe_open``): F32/F16 once into numpy by
     ``get_tensor``; BF16 (which numpy lacks) as a read-only ``np.memmap`` of its bytes, widened once
     by ``gguf.quants`` (BF16). Llama/Mistral q/k projections are permuted to llama.cpp's layout
-    (:func:`permute_rope_rows`); llama3 ``rope_freqs.weight`` is computed from ``rope_scaling``.
+    (:func:`permute_rope_rows`); llama3 ``rope_freqs.weight`` is computed from ``rope_scaling``;
+    Gemma-2 norm weights get ``+1`` (:func:`gemma_norm_weight`). MoE checkpoints (Qwen3-MoE) raise
+    :class:`ModelError` (per-expert tensors are not mapped yet).
     """
     try:
         from safetensors import safe_open
@@ -340,6 +368,9 @@ def load_hf(path: str | Path, *, weight_dtype: DType | str = "f32"
     if not isinstance(data, dict):
         raise ConfigError(f"model config {str(cfg_path)!r} is not a JSON object")
     cfg = config_from_dict(data, name=d.resolve().name)
+    if cfg.is_moe:
+        raise ModelError(f"{d}: loading MoE checkpoints ({cfg.arch}, {cfg.n_expert} experts) is not supported yet; "
+                         "use the shipped config with random weights")
     files = sorted(d.glob("*.safetensors"))
     if not files:
         raise ModelError(f"{d}: no *.safetensors files (only safetensors checkpoints are supported)")
@@ -353,7 +384,7 @@ def load_hf(path: str | Path, *, weight_dtype: DType | str = "f32"
             with safe_open(str(f), framework="np") as st:
                 for hf_name in st.keys():
                     sl = st.get_slice(hf_name)
-                    gname = hf_to_gguf_name(hf_name)
+                    gname = hf_to_gguf_name(hf_name, cfg.arch)
                     if gname is None or gname not in specs:
                         if gname == "output.weight" and cfg.tie_word_embeddings:
                             continue  # a tied lm_head saved anyway: llama.cpp also ignores it
@@ -372,7 +403,8 @@ def load_hf(path: str | Path, *, weight_dtype: DType | str = "f32"
         if name not in found:
             m = re.match(r"blk\.(\d+)\.(.+)$", name)
             hf = missing_hf.get(name) or (m and next(
-                (f"model.layers.{m.group(1)}.{k}" for k, v in _HF_LAYER.items() if v == m.group(2)), None))
+                (f"model.layers.{m.group(1)}.{k}" for k, v in _HF_LAYER_BY_ARCH.get(cfg.arch, _HF_LAYER).items()
+                 if v == m.group(2)), None))
             raise ModelError(f"{where}: missing tensor {hf or name!r} ({name})")
     _check_names(where, cfg, specs, found, extra)
     for name, spec in specs.items():
@@ -411,6 +443,8 @@ def load_hf(path: str | Path, *, weight_dtype: DType | str = "f32"
                 if cfg.rope_mode == 0 and name.endswith((".attn_q.weight", ".attn_k.weight")):
                     heads = cfg.num_attention_heads if ".attn_q." in name else cfg.num_key_value_heads
                     arr = permute_rope_rows(arr, heads)
+                if cfg.arch == "gemma2" and name.endswith("norm.weight"):
+                    arr = gemma_norm_weight(arr)
                 weights[name] = _finish(arr, specs[name], wt)
     return cfg, weights, hf_tokenizer(d, data)
 
@@ -432,5 +466,5 @@ def hf_tokenizer(d: Path, config: Mapping[str, Any]) -> Tokenizer | None:
     return Tokenizer.from_file(tj, eos_ids=eos_ids)
 
 
-__all__ = ["gguf_config", "hf_to_gguf_name", "is_checkpoint_path", "load_gguf", "load_hf",
+__all__ = ["gemma_norm_weight", "gguf_config", "hf_to_gguf_name", "is_checkpoint_path", "load_gguf", "load_hf",
            "load_model", "permute_rope_rows"]
