@@ -184,6 +184,15 @@ class LlamaConfig:
             raise ConfigError(f"a model needs at least 1 layer, got {n}")
         return dataclasses.replace(self, num_hidden_layers=int(n), name=f"{self.name}-L{int(n)}")
 
+    def with_vocab(self, n: int) -> LlamaConfig:
+        """A copy keeping only the first ``n`` token ids (``vocab_size = n``; ``token_embd`` /
+        ``output`` get ``n`` rows): real widths with a vocabulary small enough for a device's
+        buffer-binding limit (lavapipe: 128 MiB, less than Gemma-2's 2.4 GB f32 ``token_embd``).
+        Raises :class:`ConfigError` for ``n < 2``."""
+        if int(n) < 2:
+            raise ConfigError(f"a vocabulary needs at least 2 tokens, got {n}")
+        return dataclasses.replace(self, vocab_size=int(n), name=f"{self.name}-V{int(n)}")
+
     def rope_freq_factors(self) -> np.ndarray | None:
         """Llama 3 RoPE frequency factors (f32, ne = [head_dim/2]) or ``None`` without scaling.
 
@@ -259,8 +268,8 @@ def config_from_dict(data: dict[str, Any], name: str = "model") -> LlamaConfig:
     act = data.get("hidden_activation") if mt == "gemma2" else data.get("hidden_act", "silu")
     act = act or ("gelu_pytorch_tanh" if mt == "gemma2" else "silu")
     if act not in FFN_ACTIVATIONS or (mt == "gemma2") != (act != "silu"):
-        want = "'gelu_pytorch_tanh'" if mt == "gemma2" else "'silu'"
-        raise ConfigError(f"model {name!r}: unsupported activation {act!r} for model_type {mt!r} (supported: {want})")
+        want, field = ("'gelu_pytorch_tanh'", "hidden_activation") if mt == "gemma2" else ("'silu'", "hidden_act")
+        raise ConfigError(f"model {name!r}: unsupported {field}={act!r} for model_type {mt!r} (supported: {want})")
     for flag in ("attention_bias", "mlp_bias"):
         if mt != "qwen2" and data.get(flag):
             raise ConfigError(f"model {name!r}: {flag}=true is not supported (no o_proj/MLP bias in the graph)")
