@@ -1,4 +1,5 @@
-"""fusec vs transformers on tiny random Llama, Qwen2 and Mistral checkpoints, from HF and GGUF files.
+"""fusec vs transformers on tiny random Llama, Qwen2 and Mistral checkpoints, from HF and GGUF files, and on
+Gemma-2 and Qwen3 checkpoints from HF files (their GGUF form is not read yet).
 
 Each model is built with transformers from its real config class (2 layers, hidden 64, 4 heads,
 2 KV heads, FFN 128, vocab 288), given O(1)-scale random weights, saved with ``save_pretrained``
@@ -322,3 +323,62 @@ def test_prompt_without_vocabulary_asks_for_ids(checkpoints, capsys):
     assert len(err.splitlines()) == 1 and "--prompt-ids" in err
     assert main(["run", "--model", str(gguf_path), "--prompt-ids", "1,2,3", "--tokens", "2",
                  "--backend", "numpy"]) == 0
+
+
+# -- HF-only architectures: Gemma-2, Qwen3 ----------------------------------------------------------------
+
+# Gemma-2: head_dim 64 (not hidden/heads) so the softcap attention pattern applies; query_pre_attn_scalar
+# 48 != head_dim so the Q scale is checked; sliding_window 4 < prompt + decode length on the even layers of
+# 3; softcaps 5 and 3 are small enough to bend the logits. Qwen3: explicit head_dim 64 (!= 64/4; the flash
+# kernels take D in {64, 80, 96, 128, 256}), q/k norms.
+# Measured max relative error (numpy and lavapipe, fused and unfused, flash attention on and off):
+# gemma2 1.3e-6, qwen3 1.1e-6.
+HF_ONLY = {
+    "gemma2": ("Gemma2Config", "Gemma2ForCausalLM",
+               dict(num_hidden_layers=3, head_dim=64, query_pre_attn_scalar=48, sliding_window=4,
+                    attn_logit_softcapping=5.0, final_logit_softcapping=3.0, pad_token_id=0)),
+    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", dict(head_dim=64, tie_word_embeddings=False)),
+}
+
+
+@pytest.fixture(scope="module")
+def hf_only_checkpoints(tmp_path_factory):
+    """{arch: (hf_dir, (tokens fed, logits per step))} for the HF-only architectures."""
+    out = {}
+    for arch, (cfg_cls, model_cls, extra) in HF_ONLY.items():
+        cfg = getattr(transformers, cfg_cls)(**{**SIZES, **extra}, rope_theta=5000.0, bos_token_id=1,
+                                             eos_token_id=2)
+        cfg._attn_implementation = "eager"
+        torch.manual_seed(0)
+        model = getattr(transformers, model_cls)(cfg).float().eval()
+        g = torch.Generator().manual_seed(0)
+        with torch.no_grad():  # Gemma's norms compute x*(1 + w): N(0, 0.1) keeps them near 1 like the others
+            for name, p in model.named_parameters():
+                if p.ndim == 2:
+                    p.copy_(torch.randn(p.shape, generator=g) / p.shape[1] ** 0.5)
+                elif name.endswith("norm.weight"):
+                    p.copy_((0.0 if arch == "gemma2" else 1.0) + 0.1 * torch.randn(p.shape, generator=g))
+                else:
+                    p.copy_(0.1 * torch.randn(p.shape, generator=g))
+        d = tmp_path_factory.mktemp(arch) / "hf"
+        model.save_pretrained(d, safe_serialization=True)
+        out[arch] = (d, hf_reference(model))
+    return out
+
+
+@pytest.mark.parametrize("flash_attn", [False, True], ids=["mha", "flash"])
+@pytest.mark.parametrize("fuse", [True, False], ids=["fused", "unfused"])
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("arch", list(HF_ONLY))
+def test_hf_only_logits_match_transformers(hf_only_checkpoints, arch, backend, fuse, flash_attn):
+    if backend == "wgpu" and not wgpu_runtime.available():
+        pytest.skip("no wgpu adapter")
+    hf_dir, (seq, ref) = hf_only_checkpoints[arch]
+    cfg, w, _ = load_model(hf_dir)
+    assert cfg.arch == arch and cfg.rope_mode == 2 and cfg.qk_norm == (arch == "qwen3")
+    assert cfg.iswa == (arch == "gemma2")
+    sess = DecodeSession(cfg, get_backend(backend), w, kv_size=32, flash_attn=flash_attn,
+                         patterns=default_patterns() if fuse else None)
+    check_steps(run_steps(sess, seq), seq, ref, REL_TOL_F32)
+    if fuse and arch == "gemma2" and not flash_attn:
+        assert sess.last_report.patterns["attention_flash_softcap"].matches == 3
