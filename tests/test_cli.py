@@ -113,6 +113,33 @@ def test_run_smollm2_on_wgpu_verifies_against_unfused_interpreter():
     assert "fusions per step: 181" in r.stdout
 
 
+@requires_wgpu
+@pytest.mark.parametrize("model", ["qwen2.5-0.5b", "gemma-2-2b"])
+def test_run_real_config_truncated_on_wgpu_verifies(model):
+    """Real widths, 2 layers, first 8192 token ids: the f32 token_embd (Gemma-2: 2.4 GB) must fit
+    lavapipe's 128 MiB storage-binding limit. Measured on lavapipe (2 cores): qwen2.5 3.5 s, gemma-2 13 s."""
+    r = run_cli("run", "--model", model, "--backend", "wgpu", "--layers", "2", "--vocab", "8192",
+                "--prompt-ids", "1,7,300,4000", "--tokens", "3", "--verify")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert f"{model}-L2-V8192: 2 layers" in r.stdout and "verify: ok (3 steps" in r.stdout
+    assert int(r.stdout.split("fusions per step: ")[1].split()[0]) > 0
+
+
+def test_compile_gemma_2_2b_fuses_softcap_attention_and_geglu(tmp_path):
+    out = tmp_path / "out"
+    assert main(["compile", "--model", "gemma-2-2b", "--target", "wgsl", "--no-check", "-o", str(out)]) == 0
+    stats = {p["name"]: p for p in json.loads((out / "report.json").read_text())["patterns"]}
+    # one per layer: attention with its SCALE -> TANH -> SCALE logit softcap, gate/up -> GEGLU
+    assert stats["attention_flash_softcap"]["matches"] == 26 and stats["ffn_up_gate_geglu"]["matches"] == 26
+    assert sorted(a["root"] for a in stats["softcap"]["applied"]) == ["result_output"]  # final logit softcap
+
+
+def test_vocab_is_refused_for_a_checkpoint(tmp_path, capsys):
+    (tmp_path / "config.json").write_text("{}")
+    assert main(["run", "--model", str(tmp_path), "--vocab", "16", "--backend", "numpy"]) == 2
+    assert "--vocab apply to random-weight configs only" in capsys.readouterr().err
+
+
 def test_run_verify_fails_loudly_on_mismatch(monkeypatch, capsys):
     """--verify must be able to fail: corrupt the backend's logits and expect exit 1."""
     import numpy as np
