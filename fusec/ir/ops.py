@@ -44,7 +44,7 @@ class OpDef:
         name: ggml op name.
         arity: (min, max) number of sources; optional trailing sources may be ``None``.
         kind: ``leaf`` | ``unary`` | ``binary`` | ``row`` | ``view`` | ``matmul`` | ``rows`` | ``rope``
-            | ``copy`` | ``attention`` | ``fused``.
+            | ``copy`` | ``attention`` | ``fused`` | ``fused_output``.
         commutative: operands 0 and 1 may be swapped without changing the value (the matcher
             tries both orders).
         params: parameter names and defaults.
@@ -340,6 +340,20 @@ def _fused(srcs, params) -> Layout:  # filled in by the rewriter from the decomp
     raise OpCheckError("FUSED layout comes from the decomposition")
 
 
+def _fused_output(srcs, params) -> Layout:
+    """Output ``index`` (>= 1) of a multi-output FUSED node: the dtype, ``ne`` and ``nb`` of
+    ``decomposition.outputs[index]``, in memory of its own (written by the FUSED node's kernel)."""
+    (f,) = srcs
+    sub = getattr(f, "decomposition", None)
+    _need(getattr(f, "op", None) == "FUSED" and sub is not None, "FUSED_OUTPUT reads a FUSED node")
+    k = params.get("index")
+    _need(isinstance(k, int) and not isinstance(k, bool) and 1 <= k < len(sub.outputs),
+          f"index {k!r} is not an extra output of the FUSED node (it has outputs 1..{len(sub.outputs) - 1})",
+          "params")
+    out = sub.outputs[k]
+    return Layout(out.dtype, tuple(out.ne), tuple(out.nb))
+
+
 for _op in [
     OpDef("NONE", (0, 0), "leaf", _leaf, "ggml_new_tensor"),
     OpDef("ADD", (2, 2), "binary", _binary, "ggml_add", commutative=True),
@@ -381,6 +395,8 @@ for _op in [
     OpDef("FLASH_ATTN_EXT", (3, 4), "attention", _flash_attn_ext, "ggml_flash_attn_ext",
           params={"scale": 1.0, "max_bias": 0.0, "logit_softcap": 0.0}),
     OpDef("FUSED", (0, 64), "fused", _fused, "fusec rewrite (decomposition kept)"),
+    OpDef("FUSED_OUTPUT", (1, 1), "fused_output", _fused_output,
+          "fusec multi-output fusion: output params.index of the FUSED src[0] (no ggml op)", params={"index": 1}),
 ]:
     register(_op)
 
