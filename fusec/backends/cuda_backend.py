@@ -280,7 +280,8 @@ class CudaExecutable(Executable):
                 self._roots.append([])
                 continue
             k = obj
-            roots = [_ScratchRef(k.node, b.scratch) if b.scratch is not None else binding_root(k.node, b.tensor)
+            extra = self.plan.extra_outputs(k.node)
+            roots = [_ScratchRef(k.node, b.scratch) if b.scratch is not None else binding_root(k.node, b.tensor, extra)
                      for b in k.bindings]
             self.plan.check_kernel(k.node, [(r, b.write) for r, b in zip(roots, k.bindings, strict=True)
                                             if b.scratch is None])

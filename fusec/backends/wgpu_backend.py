@@ -197,7 +197,8 @@ class WgpuExecutable(Executable):
         self.kernels = [k for q in seqs for k in q.kernels]
         self._roots: list[list] = []  # per kernel: the graph root (or node scratch) of each binding
         for k in self.kernels:
-            roots = [_ScratchRef(k.node, b.scratch) if b.scratch is not None else binding_root(k.node, b.tensor)
+            extra = self.plan.extra_outputs(k.node)
+            roots = [_ScratchRef(k.node, b.scratch) if b.scratch is not None else binding_root(k.node, b.tensor, extra)
                      for b in k.bindings]
             self.plan.check_kernel(k.node, [(r, b.write) for r, b in zip(roots, k.bindings, strict=True)
                                             if b.scratch is None])

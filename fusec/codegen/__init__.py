@@ -23,7 +23,8 @@ EmitFn = Callable[[Tensor, str], Kernel]
 FAMILIES: dict[str, EmitFn] = {}
 SEQUENCE_FAMILIES: dict[str, Callable[[Tensor, str], KernelSequence]] = {}
 OP_FAMILY: dict[str, str] = {}
-NO_KERNEL_OPS = frozenset({"NONE", "VIEW", "RESHAPE", "PERMUTE", "TRANSPOSE"})
+NO_KERNEL_OPS = frozenset({"NONE", "VIEW", "RESHAPE", "PERMUTE", "TRANSPOSE", "FUSED_OUTPUT"})
+"""Ops that run no kernel: leaves, pure views, and FUSED_OUTPUT (written by its FUSED node's kernel)."""
 
 
 def family(name: str, ops: tuple[str, ...] = ()):
@@ -81,7 +82,8 @@ def family_of(node: Tensor) -> str:
 
 
 def needs_kernel(node: Tensor) -> bool:
-    """False for leaves and pure views (they are addressing, not computation)."""
+    """False for leaves and pure views (they are addressing, not computation) and for FUSED_OUTPUT
+    (the extra output of a multi-output FUSED node, written by that node's kernel)."""
     return node.op not in NO_KERNEL_OPS
 
 

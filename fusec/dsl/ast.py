@@ -192,7 +192,8 @@ class Pattern:
         kernel: kernel family used by codegen (``norm_epilogue``).
         leaves: the rewrite arguments (leaf variable names), in order: they become the FUSED
             node's sources ``src[0..]`` (for ``rewrite op``: the new op's sources).
-        benefit: priority when matches overlap (higher wins); defaults to ``len(nodes)``.
+        benefit: priority when matches overlap (higher wins); defaults to ``len(nodes) - len(outputs)``
+            (a declared extra output is still written to memory, so it saves less than a fused interior).
     """
 
     name: str
@@ -215,6 +216,10 @@ class Pattern:
     rewrite arguments as sources; ``kernel`` is then that op's default kernel family, for display)."""
     rewrite_params: dict[str, Any] = field(default_factory=dict)
     """Op rewrites: parameter name -> literal value or :class:`Capture` (resolved per match)."""
+    outputs: list[str] = field(default_factory=list)
+    """Multi-output fusion (``rewrite F(...) kernel k outputs(v, ...)``): interior variables whose
+    values are also outputs of the fused node, in order (output ``1 + i``; the root is output 0).
+    They may be used outside the match and be graph outputs; every other interior value may not."""
 
     @property
     def root(self) -> PNode:

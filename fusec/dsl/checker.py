@@ -4,7 +4,8 @@
 Checked: op names (registry, with close-name suggestions), arity (registry ``arity``), op-parameter
 names, variables assigned twice or used before assignment, assigned values unused by the root,
 where-clause names (unbound variable, unknown dtype, unknown capture), predicate names and their
-arguments, rewrite arguments (must be exactly the leaf variables), duplicate pattern names.
+arguments, rewrite arguments (must be exactly the leaf variables), ``outputs(...)`` names (interior
+variables other than the root, each once; not allowed with ``rewrite op``), duplicate pattern names.
 """
 
 from __future__ import annotations
@@ -258,7 +259,9 @@ def check_pattern(raw: RawPattern, file: str) -> Pattern:
         raise _err(f"leaf variable{'s' if len(missing) > 1 else ''} {', '.join(repr(m) for m in missing)} "
                    f"missing from the rewrite arguments (the fused op must receive every leaf: "
                    f"{', '.join(mb.leaf_order)})", raw.rewrite_op.pos)
-    benefit = raw.benefit if raw.benefit is not None else len(mb.nodes)
+    outputs = _check_outputs(raw, mb)
+    # default benefit: the op nodes fused, less one per declared output (its value is still written)
+    benefit = raw.benefit if raw.benefit is not None else len(mb.nodes) - len(outputs)
     if raw.op_params is not None:
         kernel, params = _check_op_rewrite(raw, leaves, mb.captures)
         return Pattern(
@@ -269,7 +272,30 @@ def check_pattern(raw: RawPattern, file: str) -> Pattern:
     return Pattern(
         name=raw.name, file=file, line=raw.pos.line, column=raw.pos.column, nodes=mb.nodes, vars=mb.vars,
         leaf_vars=mb.leaf_order, captures=mb.captures, where=where, fused_op=raw.rewrite_op.name,
-        kernel=raw.kernel.name, leaves=leaves, benefit=benefit, rewrite_pos=raw.rewrite_op.pos)
+        kernel=raw.kernel.name, leaves=leaves, benefit=benefit, rewrite_pos=raw.rewrite_op.pos, outputs=outputs)
+
+
+def _check_outputs(raw: RawPattern, mb: _MatchBuilder) -> list[str]:
+    """Check ``outputs(v, ...)``: each name an interior variable of the match (assigned, not the
+    root, which is output 0 already), each once. Returns the names in order."""
+    root_var = raw.assigns[-1].var.name
+    interior = [n for n, v in mb.vars.items() if isinstance(v, PNode) and n != root_var]
+    out: list[str] = []
+    for a in raw.outputs:
+        node = mb.vars.get(a.name)
+        if a.name == root_var:
+            raise _err(f"output '{a.name}' is the root (the last assignment), already output 0; outputs(...) "
+                       f"names interior variables ({', '.join(interior) or 'none'})", a.pos)
+        if isinstance(node, LeafVar):
+            raise _err(f"output '{a.name}' is a leaf variable (an input of the fused node); outputs(...) names "
+                       f"interior variables ({', '.join(interior) or 'none'})", a.pos)
+        if node is None:
+            raise _err(f"output '{a.name}' is not a variable of the match{_suggest(a.name, interior)} (interior "
+                       f"variables: {', '.join(interior) or 'none'})", a.pos)
+        if a.name in out:
+            raise _err(f"output '{a.name}' is given twice", a.pos)
+        out.append(a.name)
+    return out
 
 
 def _check_op_rewrite(raw: RawPattern, leaves: list[str], captures: list[str]) -> tuple[str, dict[str, object]]:

@@ -6,7 +6,7 @@ in words. Semantic checks live in :mod:`fusec.dsl.checker`.
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from lark import Lark, Token, Tree
@@ -57,6 +57,9 @@ class RawPattern:
     # ``rewrite op OP(args) { params }`` (a canonicalization to a plain registry op): the parameters
     # as (name, literal or ast.Capture, position); None for the FUSED form ``rewrite F(args) kernel k``
     op_params: list[tuple[str, object, Pos]] | None = None
+    # ``rewrite F(args) kernel k outputs(v, ...)``: interior variables that are extra outputs (multi-output
+    # fusion), in the order written; empty without an ``outputs`` clause
+    outputs: list[RawName] = field(default_factory=list)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -175,10 +178,13 @@ def _pattern(t: Tree, text: str, file: str) -> RawPattern:
         rw_args = [RawName(str(a), _pos(a, file)) for a in rest if a is not None]
         return RawPattern(str(name_tok), _pos(name_tok, file), assigns, where, RawName(str(rw[0]), _pos(rw[0], file)),
                           rw_args, None, benefit, benefit_pos, op_params)  # type: ignore[arg-type]
-    rw = blocks["rewrite_stmt"].children
+    rw = list(blocks["rewrite_stmt"].children)
+    outputs: list[RawName] = []
+    if rw and isinstance(rw[-1], Tree) and rw[-1].data == "outputs_clause":
+        outputs = [RawName(str(a), _pos(a, file)) for a in rw.pop().children if a is not None]
     rw_args = [RawName(str(a), _pos(a, file)) for a in rw[1:-1] if a is not None]
     return RawPattern(str(name_tok), _pos(name_tok, file), assigns, where, RawName(str(rw[0]), _pos(rw[0], file)),
-                      rw_args, RawName(str(rw[-1]), _pos(rw[-1], file)), benefit, benefit_pos)
+                      rw_args, RawName(str(rw[-1]), _pos(rw[-1], file)), benefit, benefit_pos, outputs=outputs)
 
 
 def _assign(t: Tree, file: str) -> RawAssign:

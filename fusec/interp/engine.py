@@ -25,15 +25,28 @@ def _written_roots(graph: Graph) -> set[Tensor]:
 
 def _run_node(mem: Memory, node: Tensor) -> None:
     """Execute one non-leaf node: a view needs nothing (its window is its value), an in-place op
-    writes into its destination's window, any other op computes into fresh memory of its own."""
+    writes into its destination's window, any other op computes into fresh memory of its own. A
+    multi-output FUSED node keeps its extra outputs in ``mem.extra`` until their ``FUSED_OUTPUT``
+    nodes store them."""
     if node.op in VIEW_OPS:
+        return
+    if node.op == "FUSED_OUTPUT":
+        key = (id(node.src[0]), int(node.params["index"]))
+        if key not in mem.extra:
+            raise InterpError(f"output {key[1]} of FUSED node {node.src[0].name!r} read before the node ran",
+                              node=repr(node.name), field="src")
+        mem.allocate(node)
+        mem.store(node, mem.extra[key])
         return
     srcs = [None if s is None else mem.window(s) for s in node.src]
     if node.op in WRITE:
         WRITE[node.op](node, srcs, mem.window(node))
         return
     if node.op == "FUSED":
-        value = _fused(node, srcs)
+        values = _fused(node, srcs)
+        value = values[0]
+        for k, v in enumerate(values[1:], start=1):
+            mem.extra[(id(node), k)] = v
     elif node.op in COMPUTE:
         value = COMPUTE[node.op](node, srcs)
     else:
@@ -44,14 +57,15 @@ def _run_node(mem: Memory, node: Tensor) -> None:
     mem.store(node, value)
 
 
-def _fused(node: Tensor, srcs: Sequence[np.ndarray | None]) -> np.ndarray:
-    """A FUSED node's value: its decomposition evaluated with placeholder ``i`` bound to ``srcs[i]``
+def _fused(node: Tensor, srcs: Sequence[np.ndarray | None]) -> list[np.ndarray]:
+    """A FUSED node's values, one per decomposition output (the node's own value first, then its
+    extra outputs): its decomposition evaluated with placeholder ``i`` bound to ``srcs[i]``
     (recursively for FUSED nodes inside). Placeholders alias the source memory unless the
     decomposition writes in place, in which case they are bound to copies, so that writes inside a
     FUSED node never leak out of it (the node owns its memory and aliases nothing)."""
     sub = node.decomposition
-    if sub is None or len(sub.outputs) != 1:
-        raise InterpError("FUSED node without a single-output decomposition", node=repr(node.name),
+    if sub is None or not sub.outputs:
+        raise InterpError("FUSED node without a decomposition output", node=repr(node.name),
                           field="decomposition")
     placeholders = fused_inputs(sub)
     if len(placeholders) != len(srcs):
@@ -59,8 +73,8 @@ def _fused(node: Tensor, srcs: Sequence[np.ndarray | None]) -> np.ndarray:
                           node=repr(node.name), field="decomposition")
     alias = not _written_roots(sub)
     bindings = {p: v for p, v in zip(placeholders, srcs, strict=True)}
-    out = sub.outputs[0]
-    return _execute(sub, bindings, keep=[out], alias=alias)[out]
+    res = _execute(sub, bindings, keep=list(sub.outputs), alias=alias)
+    return [res[o] for o in sub.outputs]
 
 
 def _execute(graph: Graph, bindings: Mapping[Tensor, object], keep: Sequence[Tensor] | None,

@@ -20,6 +20,8 @@ class Memory:
 
     def __init__(self) -> None:
         self._buffers: dict[Tensor, np.ndarray] = {}
+        # extra outputs of multi-output FUSED nodes: (id(node), k) -> value, until FUSED_OUTPUT stores it
+        self.extra: dict[tuple[int, int], np.ndarray] = {}
 
     def has(self, root: Tensor) -> bool:
         return root in self._buffers

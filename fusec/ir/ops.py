@@ -44,7 +44,7 @@ class OpDef:
         name: ggml op name.
         arity: (min, max) number of sources; optional trailing sources may be ``None``.
         kind: ``leaf`` | ``unary`` | ``binary`` | ``row`` | ``view`` | ``matmul`` | ``rows`` | ``rope``
-            | ``copy`` | ``attention`` | ``fused``.
+            | ``copy`` | ``attention`` | ``fused`` | ``fused_output``.
         commutative: operands 0 and 1 may be swapped without changing the value (the matcher
             tries both orders).
         params: parameter names and defaults.
@@ -286,12 +286,72 @@ def _flash_attn_ext(srcs, params) -> Layout:
     return Layout(F32, (v.ne[0], q.ne[2], q.ne[1], q.ne[3]))
 
 
+def _clamp(srcs, params) -> Layout:
+    """ggml_clamp(a, min, max): f32/f16 ``a`` of any ``ne`` and strides -> same dtype and ``ne``,
+    contiguous; ``min``/``max`` are floats (``max`` may be ``inf``: llama.cpp's MoE weight sum)."""
+    a = srcs[0]
+    _float(a, "src[0]")
+    for k in ("min", "max"):
+        _need(isinstance(params.get(k), (int, float)), f"clamp {k} must be a number, got {params.get(k)!r}",
+              "params")
+    return Layout(a.dtype, a.ne)
+
+
+SORT_ORDERS = {"asc": 0, "desc": 1}
+"""ggml_sort_order values (GGML_SORT_ORDER_ASC = 0, GGML_SORT_ORDER_DESC = 1), ARGSORT's ``order``."""
+
+
+def _argsort(srcs, params) -> Layout:
+    """ggml_argsort(a, order): f32 ``a`` ``ne = [n, r1, r2, r3]`` (any strides) -> i32, same ``ne``,
+    contiguous: each row's column indices ``0..n-1`` ordered by value (``order`` 0 ascending, 1
+    descending, GGML_SORT_ORDER_*)."""
+    a = srcs[0]
+    _need(a.dtype == F32, f"src[0] must be f32 (ggml_argsort sorts f32 rows), got {a.dtype}")
+    _need(params.get("order") in (0, 1), f"argsort order must be 0 (asc) or 1 (desc), got {params.get('order')!r}",
+          "params")
+    return Layout(I32, a.ne)
+
+
+def _mul_mat_id(srcs, params) -> Layout:
+    """ggml_mul_mat_id(as, b, ids): ``as`` f32/f16 ``ne = [K, M, n_as, 1]`` (one matrix per expert,
+    rows not transposed), ``b`` f32 ``ne = [K, B1, T, 1]``, ``ids`` i32 ``ne = [E, T, 1, 1]`` with
+    ``E % B1 == 0`` -> f32 ``ne = [M, E, T, 1]``: ``dst[t][e] = as[ids[t][e]] · b[t][e % B1]``."""
+    a, b, ids = srcs
+    _float(a, "src[0] (as)")
+    _need(b.dtype == F32, f"src[1] (b) must be f32, got {b.dtype}")
+    _need(ids.dtype == I32, f"src[2] (ids) must be i32, got {ids.dtype}")
+    _need(a.ne[3] == 1, f"src[0] (as) must be 3-D (one matrix per expert), got ne={list(a.ne)}")
+    _need(a.nb[0] == a.dtype.size and a.nb[0] <= a.nb[1],
+          "src[0] (as) must not be transposed (contiguous rows)")
+    _need(b.ne[3] == 1, f"src[1] (b) must be 3-D, got ne={list(b.ne)}")
+    _need(ids.ne[2] == 1 and ids.ne[3] == 1, f"src[2] (ids) must be 2-D, got ne={list(ids.ne)}")
+    _need(ids.ne[1] == b.ne[2], f"src[2] (ids) ne[1]={ids.ne[1]} != src[1] (b) ne[2]={b.ne[2]} (tokens)")
+    _need(a.ne[0] == b.ne[0], f"src[0] (as) ne[0]={a.ne[0]} != src[1] (b) ne[0]={b.ne[0]}")
+    _need(ids.ne[0] % b.ne[1] == 0, f"src[2] (ids) ne[0]={ids.ne[0]} is not a multiple of src[1] (b) "
+          f"ne[1]={b.ne[1]} (b broadcasts over the experts used)")
+    return Layout(F32, (a.ne[1], ids.ne[0], b.ne[2], 1))
+
+
 def _leaf(srcs, params) -> Layout:  # never called: leaves are built directly
     raise OpCheckError("leaf tensors have no inference")
 
 
 def _fused(srcs, params) -> Layout:  # filled in by the rewriter from the decomposition
     raise OpCheckError("FUSED layout comes from the decomposition")
+
+
+def _fused_output(srcs, params) -> Layout:
+    """Output ``index`` (>= 1) of a multi-output FUSED node: the dtype, ``ne`` and ``nb`` of
+    ``decomposition.outputs[index]``, in memory of its own (written by the FUSED node's kernel)."""
+    (f,) = srcs
+    sub = getattr(f, "decomposition", None)
+    _need(getattr(f, "op", None) == "FUSED" and sub is not None, "FUSED_OUTPUT reads a FUSED node")
+    k = params.get("index")
+    _need(isinstance(k, int) and not isinstance(k, bool) and 1 <= k < len(sub.outputs),
+          f"index {k!r} is not an extra output of the FUSED node (it has outputs 1..{len(sub.outputs) - 1})",
+          "params")
+    out = sub.outputs[k]
+    return Layout(out.dtype, tuple(out.ne), tuple(out.nb))
 
 
 for _op in [
@@ -320,6 +380,10 @@ for _op in [
         "n_dims": 0, "mode": 0, "n_ctx_orig": 0, "freq_base": 10000.0, "freq_scale": 1.0,
         "ext_factor": 0.0, "attn_factor": 1.0, "beta_fast": 32.0, "beta_slow": 1.0}),
     OpDef("MUL_MAT", (2, 2), "matmul", _mul_mat, "ggml_mul_mat"),
+    OpDef("MUL_MAT_ID", (3, 3), "matmul", _mul_mat_id, "ggml_mul_mat_id (GGML_OP_MUL_MAT_ID)"),
+    OpDef("ARGSORT", (1, 1), "row", _argsort, "ggml_argsort (GGML_OP_ARGSORT)", params={"order": 0}),
+    OpDef("CLAMP", (1, 1), "unary", _clamp, "ggml_clamp (GGML_OP_CLAMP): max(min(x, max), min)",
+          params={"min": float("-inf"), "max": float("inf")}),
     OpDef("GET_ROWS", (2, 2), "rows", _get_rows, "ggml_get_rows"),
     OpDef("SET_ROWS", (3, 3), "rows", _set_rows, "ggml_set_rows"),
     OpDef("CPY", (2, 2), "copy", _cpy, "ggml_cpy"),
@@ -331,6 +395,8 @@ for _op in [
     OpDef("FLASH_ATTN_EXT", (3, 4), "attention", _flash_attn_ext, "ggml_flash_attn_ext",
           params={"scale": 1.0, "max_bias": 0.0, "logit_softcap": 0.0}),
     OpDef("FUSED", (0, 64), "fused", _fused, "fusec rewrite (decomposition kept)"),
+    OpDef("FUSED_OUTPUT", (1, 1), "fused_output", _fused_output,
+          "fusec multi-output fusion: output params.index of the FUSED src[0] (no ggml op)", params={"index": 1}),
 ]:
     register(_op)
 

@@ -22,13 +22,19 @@ def make_fused_node(b: GraphBuilder, sub: Graph, srcs: Sequence[Tensor | None], 
                     name: str) -> Tensor:
     """Create a ``FUSED`` node computing ``sub.outputs[0]`` from ``srcs``.
 
-    ``sub``'s leaves carry ``params["fused_input"] = i`` and stand for ``srcs[i]``; their dtype and
-    ``ne`` must match. ``params`` must hold ``pattern`` (pattern name) and ``kernel`` (kernel family
-    used by codegen). The result is contiguous memory of its own. Raises :class:`GraphError`.
+    A decomposition with several outputs (multi-output fusion) makes the node compute all of them:
+    the node's own value is ``sub.outputs[0]``; output ``k >= 1`` is read through a ``FUSED_OUTPUT``
+    node (``params["index"] = k``, see :func:`make_fused_outputs`) that has memory of its own, which
+    the FUSED node's kernel writes. ``sub``'s leaves carry ``params["fused_input"] = i`` and stand
+    for ``srcs[i]``; their dtype and ``ne`` must match. ``params`` must hold ``pattern`` (pattern
+    name) and ``kernel`` (kernel family used by codegen). The result is contiguous memory of its
+    own. Raises :class:`GraphError`.
     """
     where = repr(name)
-    if len(sub.outputs) != 1:
-        raise GraphError("a decomposition must have exactly one output", node=where, field="decomposition")
+    if not sub.outputs:
+        raise GraphError("a decomposition must have at least one output", node=where, field="decomposition")
+    if len({id(o) for o in sub.outputs}) != len(sub.outputs) or any(o.is_leaf for o in sub.outputs):
+        raise GraphError("decomposition outputs must be distinct op nodes", node=where, field="decomposition")
     ph = fused_inputs(sub)
     if [p.params["fused_input"] for p in ph] != list(range(len(srcs))):
         raise GraphError(f"decomposition placeholders {[p.params['fused_input'] for p in ph]} do not match "
@@ -45,3 +51,14 @@ def make_fused_node(b: GraphBuilder, sub: Graph, srcs: Sequence[Tensor | None], 
                contiguous_nb(root.ne, root.dtype.size), name, set(), decomposition=sub)
     b.nodes.append(t)
     return t
+
+
+def make_fused_outputs(b: GraphBuilder, fused: Tensor, names: Sequence[str]) -> list[Tensor]:
+    """The ``FUSED_OUTPUT`` nodes of ``fused``'s extra outputs ``1..len(names)`` (named ``names``):
+    each has the dtype/``ne``/``nb`` of ``decomposition.outputs[k]`` and memory of its own. Raises
+    :class:`GraphError` when ``names`` does not have one name per extra output."""
+    assert fused.decomposition is not None
+    n = len(fused.decomposition.outputs) - 1
+    if len(names) != n:
+        raise GraphError(f"{len(names)} names for {n} extra outputs", node=repr(fused.name), field="decomposition")
+    return [b.op("FUSED_OUTPUT", [fused], {"index": k}, name=nm) for k, nm in enumerate(names, start=1)]

@@ -14,7 +14,10 @@ Matching rules (see ``docs/patterns.md``):
   same graph node; sources the pattern does not write must be absent;
 * the *escape check* (always on): an interior node (matched, not the root) must not be a graph
   output nor used by any node outside the match, no leaf/wildcard may bind a matched node, and no
-  matched node may write into another tensor's memory (SET_ROWS, CPY);
+  matched node may write into another tensor's memory (SET_ROWS, CPY). Interior values the pattern
+  declares with ``outputs(...)`` (multi-output fusion) are exempt from the first rule: they may be
+  graph outputs and have users outside the match (or none); then no source of the match may depend
+  on such a value through nodes outside the match (the fused node would need its own output);
 * the ``where`` clauses run in order; the first false one is the reason.
 """
 
@@ -45,6 +48,8 @@ class MatchResult:
         sources: the FUSED node's sources: the rewrite arguments in order, then the tensors matched
             by ``_`` wildcards that are present (pattern order).
         source_names: placeholder names for ``sources`` (variable names; ``_<i>`` for wildcards).
+        outputs: the tensors bound to the pattern's ``outputs(...)`` variables, in order (the fused
+            node's outputs ``1..``; empty for a single-output pattern).
     """
 
     pattern: Pattern
@@ -54,6 +59,7 @@ class MatchResult:
     captures: dict[str, Any]
     sources: list[Tensor]
     source_names: list[str]
+    outputs: list[Tensor] = field(default_factory=list)
 
     @property
     def benefit(self) -> int | float:
@@ -229,8 +235,11 @@ def _escape(p: Pattern, st: _State, idx: GraphIndex) -> tuple[str, int] | None:
         if t.view_src is not None and t.op not in VIEW_OPS:
             return (f"matched node {_label(pn, t)} ({t.op}) writes into '{t.view_src.name}'; a FUSED node "
                     "owns its memory", pn.pos.line)
+    declared = set(p.outputs)
     for pn in p.nodes[:-1]:
         t = st.nodes[id(pn)]
+        if pn.var is not None and pn.var in declared:
+            continue  # a declared output: may be a graph output and have users outside the match
         if id(t) in idx.outputs:
             return f"interior {_label(pn, t)} is a graph output", pn.pos.line
         outside = [u for u in idx.users.get(id(t), []) if id(u) not in matched]
@@ -244,6 +253,32 @@ def _escape(p: Pattern, st: _State, idx: GraphIndex) -> tuple[str, int] | None:
     for w, t in st.wild:
         if t is not None and id(t) in matched:
             return f"wildcard '_' is bound to matched node '{t.name}'", w.pos.line
+    if declared:
+        return _cycle(p, st, idx, matched)
+    return None
+
+
+def _cycle(p: Pattern, st: _State, idx: GraphIndex, matched: set[int]) -> tuple[str, int] | None:
+    """A declared output whose outside users lead (through nodes outside the match) to a source of
+    the match: fusing would make the FUSED node depend on its own output. Only nodes before the root
+    (topological order) can reach a source, so the search stops there."""
+    srcs = {id(t) for t in st.leaves.values()} | {id(t) for _, t in st.wild if t is not None}
+    limit = idx.topo[id(st.nodes[id(p.root)])]
+    by_var = {pn.var: pn for pn in p.nodes if pn.var is not None}
+    for name in p.outputs:
+        pn = by_var[name]
+        t = st.nodes[id(pn)]
+        stack = [u for u in idx.users.get(id(t), []) if id(u) not in matched]
+        seen: set[int] = set()
+        while stack:
+            u = stack.pop()
+            if id(u) in seen or idx.topo.get(id(u), limit) >= limit:
+                continue
+            seen.add(id(u))
+            if id(u) in srcs:
+                return (f"output {_label(pn, t)} reaches source '{u.name}' of the match through nodes outside "
+                        "it: the fused node would depend on its own output", pn.pos.line)
+            stack.extend(w for w in idx.users.get(id(u), []) if id(w) not in matched)
     return None
 
 
@@ -316,7 +351,7 @@ def match_at(pattern: Pattern, graph: Graph, node: Tensor, index: GraphIndex | N
                     sources.append(t)
                     names.append(f"_{i}")
             return MatchResult(pattern, node, [st.nodes[id(pn)] for pn in pattern.nodes], bindings,
-                               dict(st.captures), sources, names)
+                               dict(st.captures), sources, names, [bindings[v] for v in pattern.outputs])
         if first is None:
             first = NoMatch(pattern.name, node.name, kind, fail[0], pattern.file, fail[1], node)
     if first is not None:

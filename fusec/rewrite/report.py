@@ -9,17 +9,22 @@ from typing import Any
 @dataclass(frozen=True)
 class AppliedMatch:
     """One fused match: pattern name, replaced root name, matched node names (sources before users,
-    root last), rewrite round (1-based) and intermediate bytes saved."""
+    root last), rewrite round (1-based), intermediate bytes saved, and the names of the interior
+    values kept as extra outputs (multi-output fusion; ``FUSED_OUTPUT`` nodes of the same names)."""
 
     pattern: str
     root: str
     nodes: tuple[str, ...]
     round: int
     bytes_saved: int
+    outputs: tuple[str, ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
-        return {"pattern": self.pattern, "root": self.root, "nodes": list(self.nodes), "round": self.round,
-                "bytes_saved": self.bytes_saved}
+        d: dict[str, Any] = {"pattern": self.pattern, "root": self.root, "nodes": list(self.nodes),
+                             "round": self.round, "bytes_saved": self.bytes_saved}
+        if self.outputs:
+            d["outputs"] = list(self.outputs)
+        return d
 
 
 @dataclass(frozen=True)
@@ -49,7 +54,8 @@ class NotFused:
 
 @dataclass
 class PatternStats:
-    """Per-pattern totals: matches fused, op nodes removed (matched ops - 1 per match), intermediate
+    """Per-pattern totals: matches fused, op nodes removed (matched ops - 1 per match, minus the
+    ``FUSED_OUTPUT`` nodes a multi-output match adds), intermediate
     bytes saved (each interior tensor's ``nbytes`` written once and read once per use)."""
 
     name: str

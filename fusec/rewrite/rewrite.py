@@ -12,7 +12,7 @@ from ..ir.graph import Graph
 from ..ir.ops import REGISTRY, OpCheckError
 from ..ir.tensor import Tensor
 from .clone import clone_graph, copy_tensor
-from .fuse import make_fused_node
+from .fuse import make_fused_node, make_fused_outputs
 from .match import GraphIndex, MatchResult, NoMatch, find_matches
 from .report import AppliedMatch, FusionReport, NotFused, PatternStats
 
@@ -42,7 +42,8 @@ def select(found: Sequence[MatchResult], index: GraphIndex) -> tuple[list[MatchR
 def decomposition(m: MatchResult) -> Graph:
     """The FUSED node's decomposition: placeholders ``fused_input = i`` for ``m.sources`` (same
     dtype/ne/nb and input/weight flags as the outer tensors, named after the pattern variables),
-    copies of the matched nodes, output = copy of the root."""
+    copies of the matched nodes, outputs = copies of the root then of ``m.outputs`` (multi-output
+    fusion), in order."""
     b = GraphBuilder()
     local: dict[int, Tensor] = {}
     for i, (name, s) in enumerate(zip(m.source_names, m.sources, strict=True)):
@@ -52,7 +53,7 @@ def decomposition(m: MatchResult) -> Graph:
         local.setdefault(id(s), ph)
     for t in m.nodes:
         local[id(t)] = copy_tensor(b, t, [None if s is None else local[id(s)] for s in t.src], flags=False)
-    return b.build([local[id(m.root)]])
+    return b.build([local[id(m.root)]] + [local[id(t)] for t in m.outputs])
 
 
 def fused_params(m: MatchResult) -> dict:
@@ -94,32 +95,70 @@ def check_op_rewrite(m: MatchResult) -> NoMatch | None:
 
 def apply_matches(g: Graph, accepted: Sequence[MatchResult]) -> Graph:
     """A new graph where each accepted (pairwise disjoint) match is one FUSED node taking its
-    root's name and flags; users of the root and graph outputs refer to the FUSED node."""
+    root's name and flags; users of the root and graph outputs refer to the FUSED node.
+
+    Multi-output matches (``outputs(...)``): each declared output becomes a ``FUSED_OUTPUT`` node of
+    the FUSED node (:func:`fusec.rewrite.fuse.make_fused_outputs`) with the interior value's name and
+    flags, and its users outside the match (and graph outputs) refer to it. Such a user may come
+    before the root in ``g``'s order; nodes are therefore built on demand, sources first (the
+    matcher's cycle check guarantees an order exists)."""
     b = GraphBuilder()
     mapping: dict[int, Tensor] = {}
     roots = {id(m.root): m for m in accepted}
+    extra = {id(t): m for m in accepted for t in m.outputs}
     interior = {id(t) for m in accepted for t in m.interior}
-    for t in g.nodes:
-        if id(t) in interior:
-            continue
-        m = roots.get(id(t))
-        if m is None:
-            mapping[id(t)] = copy_tensor(b, t, [None if s is None else mapping[id(s)] for s in t.src])
-            continue
+
+    def emit_match(m: MatchResult) -> None:
+        t = m.root
+        for s in m.sources:
+            ensure(s)
         if m.pattern.rewrite_kind == "op":  # a canonicalization: the root becomes a plain registry op
             srcs = [mapping[id(m.bindings[v])] for v in m.pattern.leaves]
             node = b.op(m.pattern.fused_op, srcs, op_rewrite_params(m), name=t.name)
             node.flags |= t.flags
             mapping[id(t)] = node
-            continue
+            return
         fused = make_fused_node(b, decomposition(m), [mapping[id(s)] for s in m.sources], fused_params(m), t.name)
         fused.flags |= t.flags
         mapping[id(t)] = fused
+        for o, proj in zip(m.outputs, make_fused_outputs(b, fused, [o.name for o in m.outputs]), strict=True):
+            proj.flags |= o.flags
+            mapping[id(o)] = proj
+
+    def ensure(t: Tensor) -> None:
+        if id(t) in mapping:
+            return
+        m = roots.get(id(t)) or extra.get(id(t))
+        if m is not None:
+            emit_match(m)
+            return
+        if id(t) in interior:  # pragma: no cover - the escape check keeps interior values inside
+            raise AssertionError(f"interior node {t.name!r} is used outside its match")
+        for s in t.src:
+            if s is not None:
+                ensure(s)
+        mapping[id(t)] = copy_tensor(b, t, [None if s is None else mapping[id(s)] for s in t.src])
+
+    for t in g.nodes:
+        if id(t) in interior and id(t) not in extra:
+            continue
+        ensure(t)
     return b.build([mapping[id(o)] for o in g.outputs])
 
 
 def _bytes_saved(m: MatchResult, index: GraphIndex) -> int:
-    return sum(t.nbytes * (1 + len(index.users.get(id(t), []))) for t in m.interior)
+    """Intermediate bytes no longer written and read back: each interior value's ``nbytes`` times
+    (1 + its uses); a declared output is still written once, only its reads inside the match go."""
+    matched = {id(t) for t in m.nodes}
+    out = {id(t) for t in m.outputs}
+    saved = 0
+    for t in m.interior:
+        users = index.users.get(id(t), [])
+        if id(t) in out:
+            saved += t.nbytes * sum(1 for u in users if id(u) in matched)
+        else:
+            saved += t.nbytes * (1 + len(users))
+    return saved
 
 
 def rewrite(graph: Graph, patterns: Sequence[Pattern], max_iters: int = 16) -> tuple[Graph, FusionReport]:
@@ -158,9 +197,10 @@ def rewrite(graph: Graph, patterns: Sequence[Pattern], max_iters: int = 16) -> t
             st = report.patterns[m.pattern.name]
             saved = _bytes_saved(m, index)
             st.matches += 1
-            st.nodes_removed += len(m.nodes) - 1
+            st.nodes_removed += len(m.nodes) - 1 - len(m.outputs)  # FUSED_OUTPUT nodes are added
             st.bytes_saved += saved
-            st.applied.append(AppliedMatch(m.pattern.name, m.root.name, tuple(t.name for t in m.nodes), rnd, saved))
+            st.applied.append(AppliedMatch(m.pattern.name, m.root.name, tuple(t.name for t in m.nodes), rnd, saved,
+                                           tuple(t.name for t in m.outputs)))
             fused_keys.add((m.pattern.name, m.root.name))
         g = apply_matches(g, accepted)
         report.rounds = rnd

@@ -10,10 +10,13 @@ FUSED node reads is the memory of its real sources. Every root (non-view) tensor
   lifetimes are disjoint: a result is live from the node that computes it to the last node that
   reads or writes its memory, directly, through views (of views), or as a FUSED node's source.
   Graph outputs (and the roots of output views) stay live to the end and are never reused.
+  The extra outputs of a multi-output FUSED node (``FUSED_OUTPUT`` nodes) are written by the FUSED
+  node's kernel: they are live from the FUSED node on, and their own node executes nothing.
 
 The safety rule (the bug class of ggml's ``ggml_cuda_check_fusion_memory_ranges``): a node's
 output buffer never aliases a buffer the node reads, except for the deliberate in-place ops
-SET_ROWS/CPY, whose output *is* their destination. :func:`plan_buffers` never produces such a
+SET_ROWS/CPY, whose output *is* their destination; for a multi-output FUSED node this holds for every
+buffer it writes (its own and its ``FUSED_OUTPUT`` nodes'). :func:`plan_buffers` never produces such a
 plan (a slot freed by a node's last read is only handed to nodes *after* it), and
 :meth:`BufferPlan.check` verifies it, so a plan built or edited any other way is refused.
 
@@ -116,8 +119,15 @@ class BufferPlan:
     slot_of: dict[Tensor, int]
     live: dict[Tensor, tuple[int, int]] = field(default_factory=dict)
     node_scratch: dict[Tensor, dict[str, tuple[int, int]]] = field(default_factory=dict)
+    _extra: dict[Tensor, dict[int, Tensor]] | None = field(default=None, repr=False, compare=False)
 
     # -- queries -------------------------------------------------------------------------------
+    def extra_outputs(self, node: Tensor) -> dict[int, Tensor]:
+        """The ``FUSED_OUTPUT`` nodes of ``node`` by output index (empty for a single-output node)."""
+        if self._extra is None:
+            self._extra = fused_outputs(self.graph)
+        return self._extra.get(node, {})
+
     def slot(self, t: Tensor) -> Slot:
         """The slot holding ``t``'s memory (its root's slot for a view).
 
@@ -176,16 +186,19 @@ class BufferPlan:
             if slot.size < root.span_bytes:
                 raise BackendError(f"buffer plan: node {root.name!r} needs {root.span_bytes} bytes, "
                                    f"slot {k} has {slot.size}")
+        extra = fused_outputs(self.graph)
         for node in order:
             w = written_root(node)
             if w is None:
                 continue
-            ws = self.slot_of[w]
-            for r in read_roots(node):
-                if r is not w and self.slot_of[r] == ws:
-                    raise BackendError(
-                        f"buffer plan: node {node.name!r} ({node.op}) writes slot {ws}, which also holds "
-                        f"{r.name!r} that the node reads: its output would overwrite its own input")
+            for wr in [w, *(t.root for t in extra.get(node, {}).values())]:
+                ws = self.slot_of[wr]
+                for r in read_roots(node):
+                    if r is not w and self.slot_of[r] == ws:
+                        what = "its output" if wr is w else f"its extra output {wr.name!r}"
+                        raise BackendError(
+                            f"buffer plan: node {node.name!r} ({node.op}) writes slot {ws}, which also holds "
+                            f"{r.name!r} that the node reads: {what} would overwrite its own input")
         live = lifetimes(self.graph)  # recomputed: the plan's own record is not trusted
         by_slot: dict[int, list[Tensor]] = {}
         for r in live:
@@ -241,13 +254,15 @@ class BufferPlan:
                                        f"({w.name!r}) that it also reads as {r.name!r}")
 
 
-def binding_root(node: Tensor, t: Tensor) -> Tensor:
+def binding_root(node: Tensor, t: Tensor, extra: Mapping[int, Tensor] | None = None) -> Tensor:
     """The graph root whose memory a kernel of ``node`` binds for tensor ``t``.
 
     ``t`` is a graph tensor (a source of ``node``, ``node`` itself, or a view of either) or, for a
     FUSED node, a tensor of its decomposition: a placeholder (``params["fused_input"] = i``)
-    stands for ``node.src[i]`` and the decomposition's output for ``node``. Raises
-    :class:`BackendError` for a decomposition-internal tensor (it has no memory of its own).
+    stands for ``node.src[i]``, the decomposition's output 0 for ``node`` and its output ``k >= 1``
+    (multi-output fusion) for ``extra[k]``, the node's ``FUSED_OUTPUT`` of index k
+    (:meth:`BufferPlan.extra_outputs`). Raises :class:`BackendError` for a decomposition-internal
+    tensor (it has no memory of its own) or an extra output without its ``FUSED_OUTPUT`` node.
     """
     sub = node.decomposition
     if sub is not None and any(t is d for d in sub.nodes):
@@ -257,6 +272,12 @@ def binding_root(node: Tensor, t: Tensor) -> Tensor:
                 return src.root
         if t.root is sub.outputs[0].root:
             return node.root
+        for k, o in enumerate(sub.outputs[1:], start=1):
+            if t is o:
+                if extra is None or k not in extra:
+                    raise BackendError(f"node {node.name!r}: its kernel writes extra output {k} ({t.name!r}), "
+                                       "but the graph has no FUSED_OUTPUT node for it")
+                return extra[k].root
         raise BackendError(f"node {node.name!r}: its kernel binds {t.name!r}, an internal tensor of the "
                            "decomposition that has no memory")
     return t.root
@@ -268,19 +289,40 @@ def _slot_kind(root: Tensor) -> str:
     return "scratch"
 
 
+def _executes_nothing(node: Tensor) -> bool:
+    return node.is_leaf or node.op in VIEW_OPS or node.op == "FUSED_OUTPUT"
+
+
+def fused_outputs(graph: Graph) -> dict[Tensor, dict[int, Tensor]]:
+    """FUSED node -> {output index k >= 1 -> its ``FUSED_OUTPUT`` node}, for the multi-output FUSED
+    nodes of ``graph``. Raises :class:`BackendError` when two FUSED_OUTPUT nodes claim the same
+    output (the kernel writes one buffer per output)."""
+    out: dict[Tensor, dict[int, Tensor]] = {}
+    for t in graph.nodes:
+        if t.op == "FUSED_OUTPUT":
+            f, k = t.src[0], int(t.params["index"])
+            have = out.setdefault(f, {})
+            if k in have:
+                raise BackendError(f"buffer plan: FUSED_OUTPUT nodes {have[k].name!r} and {t.name!r} both claim "
+                                   f"output {k} of {f.name!r}")
+            have[k] = t
+    return out
+
+
 def written_root(node: Tensor) -> Tensor | None:
     """The root whose memory executing ``node`` writes: the node itself for computing ops, the
-    destination's root for SET_ROWS/CPY, ``None`` for leaves and pure views."""
-    if node.is_leaf or node.op in VIEW_OPS:
+    destination's root for SET_ROWS/CPY, ``None`` for leaves, pure views and FUSED_OUTPUT (its
+    memory is written by its FUSED node, which also writes its own root)."""
+    if _executes_nothing(node):
         return None
     return node.root
 
 
 def read_roots(node: Tensor) -> list[Tensor]:
     """Roots whose memory executing ``node`` reads: the roots of its sources (a FUSED node reads
-    exactly its sources; its decomposition's placeholders stand for them). Empty for leaves and
-    pure views (they execute nothing)."""
-    if node.is_leaf or node.op in VIEW_OPS:
+    exactly its sources; its decomposition's placeholders stand for them). Empty for leaves,
+    pure views and FUSED_OUTPUT (they execute nothing)."""
+    if _executes_nothing(node):
         return []
     out: list[Tensor] = []
     for s in node.src:
@@ -292,14 +334,17 @@ def read_roots(node: Tensor) -> list[Tensor]:
 def lifetimes(graph: Graph) -> dict[Tensor, tuple[int, int]]:
     """Lifetime of every computed root of ``graph``: ``(first, last)`` indices into ``graph.nodes``.
 
-    ``first`` is the node computing it; ``last`` the last node reading or writing its memory
-    (directly, through views of any depth, as a FUSED source, as a SET_ROWS/CPY destination), or a
-    number larger than any index when the root or a view of it is a graph output.
+    ``first`` is the node computing it (for a ``FUSED_OUTPUT``: its FUSED node, whose kernel writes
+    it); ``last`` the last node reading or writing its memory (directly, through views of any depth,
+    as a FUSED source, as a SET_ROWS/CPY destination), or a number larger than any index when the
+    root or a view of it is a graph output.
     """
     live: dict[Tensor, list[int]] = {}
+    pos = {id(t): i for i, t in enumerate(graph.nodes)}
     for i, t in enumerate(graph.nodes):
         if not t.is_leaf and not t.is_view:
-            live[t] = [i, i]
+            first = pos[id(t.src[0])] if t.op == "FUSED_OUTPUT" else i
+            live[t] = [first, i]
     for i, t in enumerate(graph.nodes):
         for r in [*read_roots(t), written_root(t)]:
             if r is not None and r in live:
@@ -347,8 +392,10 @@ def plan_buffers(graph: Graph, scratch: Mapping[Tensor, Sequence[tuple[str, int]
 
     live = lifetimes(graph)
     expiring: dict[int, list[Tensor]] = {}
-    for r, (_, last) in live.items():
+    born: dict[int, list[Tensor]] = {}
+    for r, (first, last) in live.items():
         expiring.setdefault(last, []).append(r)
+        born.setdefault(first, []).append(r)  # a FUSED node and its FUSED_OUTPUT nodes are born together
 
     free: list[int] = []
 
@@ -369,8 +416,8 @@ def plan_buffers(graph: Graph, scratch: Mapping[Tensor, Sequence[tuple[str, int]
     want = {id(n): (n, list(bufs)) for n, bufs in (scratch or {}).items() if bufs}
     node_scratch: dict[Tensor, dict[str, tuple[int, int]]] = {}
     for i, t in enumerate(order):
-        if t in live:
-            slot_of[t] = take(_align(t.span_bytes))
+        for r in born.get(i, ()):
+            slot_of[r] = take(_align(r.span_bytes))
         if id(t) in want:  # after the output: the free list holds nothing live at node i
             bufs = node_scratch[t] = {}
             for name, nbytes in want.pop(id(t))[1]:
@@ -387,5 +434,5 @@ def plan_buffers(graph: Graph, scratch: Mapping[Tensor, Sequence[tuple[str, int]
     return BufferPlan(graph, slots, slot_of, live, node_scratch)
 
 
-__all__ = ["INPLACE_OPS", "SLOT_ALIGN", "BufferPlan", "PlanStats", "Slot", "binding_root", "lifetimes", "plan_buffers",
-           "read_roots", "written_root"]
+__all__ = ["INPLACE_OPS", "SLOT_ALIGN", "BufferPlan", "PlanStats", "Slot", "binding_root", "fused_outputs", "lifetimes",
+           "plan_buffers", "read_roots", "written_root"]

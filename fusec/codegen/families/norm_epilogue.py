@@ -14,6 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ...errors import CodegenError
+from ...ir.shape import can_repeat
 from ...ir.tensor import Tensor
 from .. import family
 from ..env import TYPE_NAMES, render
@@ -48,26 +49,42 @@ class EpilogueStep:
 
 
 @dataclass(frozen=True)
+class Prologue:
+    """``x = src[x] + src[operand]`` before the norm (ggml_add, ``src[operand]`` broadcast to the row
+    with ``i % ne``), rounded to x's dtype as ggml stores the sum; written as the FUSED node's output
+    ``output`` (multi-output fusion) when ``output`` is not None."""
+
+    operand: int
+    output: int | None
+
+
+@dataclass(frozen=True)
 class NormPlan:
-    """What the kernel computes: ``norm(src[x], eps)`` then ``steps`` in order."""
+    """What the kernel computes: ``norm(src[x], eps)`` then ``steps`` in order; with a
+    :class:`Prologue`, the norm reads ``src[x] + src[prologue.operand]`` instead of ``src[x]``."""
 
     norm: str  # RMS_NORM | NORM
     x: int
     eps: float
     steps: tuple[EpilogueStep, ...]
+    prologue: Prologue | None = None
 
     @property
     def inputs(self) -> list[int]:
         """Source indices the kernel reads, ascending (each becomes binding ``src<i>``)."""
-        return sorted({self.x, *(s.operand for s in self.steps)})
+        pre = [self.prologue.operand] if self.prologue else []
+        return sorted({self.x, *pre, *(s.operand for s in self.steps)})
 
     @property
     def name(self) -> str:
-        """Chain name in ggml vocabulary, e.g. ``rms_norm_mul_add``."""
-        return "_".join([self.norm.lower()] + [s.op.lower() for s in self.steps])
+        """Chain name in ggml vocabulary, e.g. ``rms_norm_mul_add``, ``add_rms_norm_mul``."""
+        return "_".join((["add"] if self.prologue else []) + [self.norm.lower()] + [s.op.lower() for s in self.steps])
 
     def describe(self) -> str:
-        parts = [f"{self.norm}(src{self.x})"] + [f"{s.op}(src{s.operand})" for s in self.steps]
+        x = f"ADD(src{self.x}, src{self.prologue.operand})" if self.prologue else f"src{self.x}"
+        if self.prologue and self.prologue.output is not None:
+            x += f" [output {self.prologue.output}]"
+        parts = [f"{self.norm}({x})"] + [f"{s.op}(src{s.operand})" for s in self.steps]
         return " -> ".join(parts)
 
 
@@ -93,11 +110,14 @@ def _fail(node: Tensor, msg: str) -> CodegenError:
 def plan(node: Tensor) -> NormPlan:
     """The :class:`NormPlan` of a RMS_NORM / NORM node or of a FUSED ``norm_epilogue`` node.
 
-    A FUSED node's decomposition must be a chain: first RMS_NORM or NORM of a placeholder, then
-    binary MUL/ADD/SUB/DIV ops each taking the previous value and one placeholder (on either side for
-    the commutative MUL/ADD, as ``src[0]`` for SUB/DIV), the placeholder broadcastable to the row
-    (ggml_can_repeat) and the result keeping the row's shape. Raises :class:`CodegenError` naming
-    the node otherwise.
+    A FUSED node's decomposition must be a chain: optionally an ADD of two placeholders (the
+    prologue: one of them has the sum's shape, the other broadcasts to it, ggml_can_repeat), then
+    RMS_NORM or NORM of that sum or of a placeholder, then binary MUL/ADD/SUB/DIV ops each taking the
+    previous value and one placeholder (on either side for the commutative MUL/ADD, as ``src[0]`` for
+    SUB/DIV), the placeholder broadcastable to the row (ggml_can_repeat) and the result keeping the
+    row's shape. Output 0 of the decomposition is the end of the chain; the prologue's sum may be one
+    more output (multi-output fusion: the kernel writes it too); no other value may be an output.
+    Raises :class:`CodegenError` naming the node otherwise.
     """
     if node.op in NORM_OPS:
         return NormPlan(node.op, 0, float(node.params.get("eps", 0.0)), ())
@@ -105,17 +125,49 @@ def plan(node: Tensor) -> NormPlan:
         raise _fail(node, f"op {node.op} is not RMS_NORM, NORM or a FUSED norm chain")
     sub = node.decomposition
     ops = sub.ops
+    prologue: Prologue | None = None
+    pre_add: Tensor | None = None
+    if len(ops) >= 2 and ops[0].op == "ADD" and ops[1].op in NORM_OPS and ops[1].src[0] is ops[0]:
+        pre_add, ops = ops[0], ops[1:]
+        a, b = pre_add.src
+        ia, ib = fused_input_index(a), fused_input_index(b)
+        if ia is None or ib is None:
+            raise _fail(node, f"the ADD before {ops[0].op} must add two fused inputs")
+        if tuple(a.ne) != tuple(pre_add.ne) and tuple(b.ne) == tuple(pre_add.ne):
+            a, b, ia, ib = b, a, ib, ia  # the operand spanning the row is x; the other broadcasts
+        if tuple(a.ne) != tuple(pre_add.ne) or not can_repeat(b.ne, a.ne) or a.dtype != b.dtype:
+            raise _fail(node, f"the ADD before {ops[0].op} must add two fused inputs of one dtype, one broadcast "
+                        f"to the other (ne={list(a.ne)}, ne={list(b.ne)})")
+        if pre_add.dtype != a.dtype:  # pragma: no cover - ADD keeps src[0]'s dtype
+            raise _fail(node, "the ADD's result must keep its operands' dtype")
+        out_index = next((k for k, o in enumerate(sub.outputs) if o is pre_add and k > 0), None)
+        prologue = Prologue(ib, out_index)
+        xs = a
     if not ops or ops[0].op not in NORM_OPS:
-        raise _fail(node, "the decomposition must start with RMS_NORM or NORM")
+        raise _fail(node, "the decomposition must start with RMS_NORM or NORM (or ADD then RMS_NORM/NORM)")
     norm = ops[0]
-    xs = norm.src[0]
-    if xs is None or not xs.is_leaf or "fused_input" not in xs.params:
-        raise _fail(node, f"{norm.op} must read a fused input directly, not {xs!r}")
+    if prologue is None:
+        xs = norm.src[0]
+        if xs is None or not xs.is_leaf or "fused_input" not in xs.params:
+            raise _fail(node, f"{norm.op} must read a fused input directly, not {xs!r}")
     walked, running = walk_epilogue(ops[1:], norm, lambda msg: _fail(node, msg))
     steps = [EpilogueStep(op, fused_input_index(other)) for op, other in walked]
     if sub.outputs[0] is not running:
         raise _fail(node, "the decomposition's output is not the end of the norm chain")
-    return NormPlan(norm.op, int(xs.params["fused_input"]), float(norm.params.get("eps", 0.0)), tuple(steps))
+    extra = [o for o in sub.outputs[1:] if o is not pre_add]
+    if extra:
+        raise _fail(node, f"extra output(s) {', '.join(repr(o.name) for o in extra)}: only the sum of the ADD before "
+                    "the norm can be an extra output")
+    return NormPlan(norm.op, int(xs.params["fused_input"]), float(norm.params.get("eps", 0.0)), tuple(steps),
+                    prologue)
+
+
+def _sum_output(node: Tensor, p: NormPlan) -> Tensor | None:
+    """The decomposition tensor of the prologue's sum when it is an output of ``node`` (else None)."""
+    if p.prologue is None or p.prologue.output is None:
+        return None
+    assert node.decomposition is not None
+    return node.decomposition.outputs[p.prologue.output]
 
 
 def _vec_ok(t: Tensor, v: int) -> bool:
@@ -147,6 +199,8 @@ def tune(node: Tensor, p: NormPlan, backend: str, vpt: int = VECS_PER_THREAD) ->
     x is read once and the operands' loads are issued together with x's, before the reduction.
     Longer rows are streamed (one pass over memory per reduction plus one for the output)."""
     tensors = [node.src[i] for i in p.inputs] + [node]
+    if (so := _sum_output(node, p)) is not None:
+        tensors.append(so)
     vec = 1
     if backend in ("cuda", "wgsl") and all(t.dtype.size == 2 for t in tensors) and all(_vec_ok(t, 8) for t in tensors):
         vec = 8  # WGSL: vec4<u32> words of two halves (16-byte loads; see WGSL_OPTS)
@@ -173,7 +227,7 @@ def tune(node: Tensor, p: NormPlan, backend: str, vpt: int = VECS_PER_THREAD) ->
 
 def _entry(p: NormPlan, bindings: list[Binding], tu: Tuning) -> str:
     dts = sorted({str(b.dtype) for b in bindings})
-    name = f"{p.name}_{'_'.join(dts)}_v{tu.vec}_t{tu.tpr}"
+    name = f"{p.name}{'_sum' if p.prologue and p.prologue.output else ''}_{'_'.join(dts)}_v{tu.vec}_t{tu.tpr}"
     if tu.rows > 1:
         name += f"_r{tu.rows}"
     return name + (f"_k{tu.slots}" if tu.slots else "_stream")
@@ -237,6 +291,9 @@ def build(node: Tensor, backend: str, tuning: Tuning | None = None, *, prefetch:
     x = node.src[p.x]
     bindings = [Binding(f"src{i}", node.src[i], node.src[i].dtype) for i in p.inputs]
     bindings.append(Binding("dst", node, node.dtype, write=True))
+    so = _sum_output(node, p)
+    if so is not None:  # multi-output: the prologue's sum (its FUSED_OUTPUT's memory, see plan.binding_root)
+        bindings.append(Binding(f"out{p.prologue.output}", so, so.dtype, write=True))
     nrows = x.ne[1] * x.ne[2] * x.ne[3]
     wgsl = backend == "wgsl"
     grid = _grid(-(-nrows // tu.rows), balanced=wgsl and WGSL_OPTS["balanced_grid"])
@@ -244,8 +301,11 @@ def build(node: Tensor, backend: str, tuning: Tuning | None = None, *, prefetch:
     for i in p.inputs:
         params += layout_params(f"src{i}", node.src[i])
     params += layout_params("dst", node, ne=False)
+    if so is not None:
+        params += layout_params(f"out{p.prologue.output}", so, ne=False)
     params += [("eps", "f32", p.eps), ("grid_x", "u32", grid[0])]
     entry = _entry(p, bindings, tu)
+    pre_operand = {p.prologue.operand} if p.prologue else set()
     names = [node.name]
     if node.decomposition is not None:
         names += [f"{t.name} ({t.op})" for t in node.decomposition.ops]
@@ -254,6 +314,9 @@ def build(node: Tensor, backend: str, tuning: Tuning | None = None, *, prefetch:
         TEMPLATES[backend], entry=entry, family="norm_epilogue", what=p.describe(), nodes=names,
         norm=p.norm, x=f"src{p.x}", steps=[{"sym": s.symbol, "src": f"src{s.operand}"} for s in p.steps],
         operands=[f"src{i}" for i in sorted({s.operand for s in p.steps})],
+        bases=[f"src{i}" for i in sorted({s.operand for s in p.steps} | pre_operand)],
+        PRE=(None if p.prologue is None else
+             {"b": f"src{p.prologue.operand}", "out": None if so is None else f"out{p.prologue.output}"}),
         bindings=bindings, types={b.name: types[b.dtype] for b in bindings}, params=params,
         V=tu.vec, TPR=tu.tpr, R=tu.rows, K=tu.slots, SIMD=SIMD, PREFETCH=prefetch, PBP=params_by_pointer,
         **(_wgsl_context(p, tu, prefetch) if wgsl else {}),
@@ -262,4 +325,4 @@ def build(node: Tensor, backend: str, tuning: Tuning | None = None, *, prefetch:
                   meta={"plan": p, "tuning": tu, "params_by_pointer": params_by_pointer})
 
 
-__all__ = ["EpilogueStep", "NormPlan", "Tuning", "build", "emit_norm_epilogue", "plan", "tune"]
+__all__ = ["EpilogueStep", "NormPlan", "Prologue", "Tuning", "build", "emit_norm_epilogue", "plan", "tune"]
