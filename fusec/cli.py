@@ -60,6 +60,8 @@ def _load_graph(args):
         cfg = cfg.with_layers(args.layers)
     if args.vocab:
         cfg = cfg.with_vocab(args.vocab)
+    if args.experts:
+        cfg = cfg.with_experts(args.experts)
     n_kv = min(args.n_ctx, args.n_kv)
     return build_llama_decode(cfg, args.n_tokens, n_kv, args.n_ctx), cfg.name
 
@@ -239,8 +241,8 @@ def cmd_run(args) -> int:
     t0 = time.perf_counter()
     tokenizer = None
     if is_checkpoint_path(args.model):  # a GGUF file or an HF directory: every tensor is validated here
-        if args.layers or args.vocab:
-            raise UsageError("--layers / --vocab apply to random-weight configs only, not to a checkpoint")
+        if args.layers or args.vocab or args.experts:
+            raise UsageError("--layers / --vocab / --experts apply to random-weight configs only, not to a checkpoint")
         cfg, weights, tokenizer = load_model(args.model, weight_dtype=args.weight_dtype)
         source = f"weights from {args.model} ({args.weight_dtype})"
     else:
@@ -249,6 +251,8 @@ def cmd_run(args) -> int:
             cfg = cfg.with_layers(args.layers)
         if args.vocab:
             cfg = cfg.with_vocab(args.vocab)
+        if args.experts:
+            cfg = cfg.with_experts(args.experts)
         weights = random_weights(cfg, seed=args.seed, weight_dtype=args.weight_dtype)
         source = f"random weights (seed {args.seed}, {args.weight_dtype})"
     if args.prompt is not None:
@@ -475,6 +479,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--patterns", nargs="+", help="pattern files or folders (default: the shipped patterns/)")
         p.add_argument("--layers", type=int, default=0, help="keep only the first N layers (models)")
         p.add_argument("--vocab", type=int, default=0, help="keep only the first N token ids (models)")
+        p.add_argument("--experts", type=int, default=0, help="keep only the first N experts (MoE models)")
         p.add_argument("--n-tokens", type=int, default=1, help="tokens per step of the model graph (default 1)")
         p.add_argument("--n-ctx", type=int, default=4096, help="KV cache cells (default 4096)")
         p.add_argument("--n-kv", type=int, default=256, help="visible KV cells of the graph (default 256)")
@@ -499,6 +504,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--vocab", type=int, default=0,
                    help="keep only the first N token ids (random-weight configs; fits big vocabularies "
                         "under a device's buffer-binding limit, e.g. lavapipe's 128 MiB)")
+    p.add_argument("--experts", type=int, default=0,
+                   help="keep only the first N experts of a MoE random-weight config (same reason)")
     p.add_argument("--n-ctx", type=int, default=256)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--weight-dtype", default="f32", choices=["f32", "f16"])

@@ -1,5 +1,5 @@
 """fusec vs transformers on tiny random Llama, Qwen2 and Mistral checkpoints, from HF and GGUF files, and on
-Gemma-2 and Qwen3 checkpoints from HF files (their GGUF form is not read yet).
+Gemma-2, Qwen3 and Qwen3-MoE checkpoints from HF files (their GGUF form is not read yet).
 
 Each model is built with transformers from its real config class (2 layers, hidden 64, 4 heads,
 2 KV heads, FFN 128, vocab 288), given O(1)-scale random weights, saved with ``save_pretrained``
@@ -332,12 +332,17 @@ def test_prompt_without_vocabulary_asks_for_ids(checkpoints, capsys):
 # 3; softcaps 5 and 3 are small enough to bend the logits. Qwen3: explicit head_dim 64 (!= 64/4; the flash
 # kernels take D in {64, 80, 96, 128, 256}), q/k norms.
 # Measured max relative error (numpy and lavapipe, fused and unfused, flash attention on and off):
-# gemma2 1.3e-6, qwen3 1.1e-6.
+# gemma2 1.3e-6, qwen3 1.1e-6, qwen3moe 1.2e-6.
 HF_ONLY = {
     "gemma2": ("Gemma2Config", "Gemma2ForCausalLM",
                dict(num_hidden_layers=3, head_dim=64, query_pre_attn_scalar=48, sliding_window=4,
                     attn_logit_softcapping=5.0, final_logit_softcapping=3.0, pad_token_id=0)),
     "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", dict(head_dim=64, tie_word_embeddings=False)),
+    # top-2 of 8 experts, renormalized; transformers >= 5 keeps the experts as 3-D parameters and saves them
+    # per expert (mlp.experts.{e}.*_proj.weight), which the loader stacks as llama.cpp's converter does
+    "qwen3moe": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM",
+                 dict(head_dim=64, num_experts=8, num_experts_per_tok=2, moe_intermediate_size=32,
+                      norm_topk_prob=True, tie_word_embeddings=False)),
 }
 
 
@@ -354,10 +359,10 @@ def hf_only_checkpoints(tmp_path_factory):
         g = torch.Generator().manual_seed(0)
         with torch.no_grad():  # Gemma's norms compute x*(1 + w): N(0, 0.1) keeps them near 1 like the others
             for name, p in model.named_parameters():
-                if p.ndim == 2:
-                    p.copy_(torch.randn(p.shape, generator=g) / p.shape[1] ** 0.5)
-                elif name.endswith("norm.weight"):
+                if name.endswith("norm.weight"):
                     p.copy_((0.0 if arch == "gemma2" else 1.0) + 0.1 * torch.randn(p.shape, generator=g))
+                elif p.ndim >= 2:  # matrices and 3-D expert stacks: fan_in is the last axis
+                    p.copy_(torch.randn(p.shape, generator=g) / p.shape[-1] ** 0.5)
                 else:
                     p.copy_(0.1 * torch.randn(p.shape, generator=g))
         d = tmp_path_factory.mktemp(arch) / "hf"
@@ -375,10 +380,20 @@ def test_hf_only_logits_match_transformers(hf_only_checkpoints, arch, backend, f
         pytest.skip("no wgpu adapter")
     hf_dir, (seq, ref) = hf_only_checkpoints[arch]
     cfg, w, _ = load_model(hf_dir)
-    assert cfg.arch == arch and cfg.rope_mode == 2 and cfg.qk_norm == (arch == "qwen3")
-    assert cfg.iswa == (arch == "gemma2")
+    assert cfg.arch == arch and cfg.rope_mode == 2 and cfg.qk_norm == arch.startswith("qwen3")
+    assert cfg.iswa == (arch == "gemma2") and cfg.is_moe == (arch == "qwen3moe")
     sess = DecodeSession(cfg, get_backend(backend), w, kv_size=32, flash_attn=flash_attn,
                          patterns=default_patterns() if fuse else None)
     check_steps(run_steps(sess, seq), seq, ref, REL_TOL_F32)
     if fuse and arch == "gemma2" and not flash_attn:
         assert sess.last_report.patterns["attention_flash_softcap"].matches == 3
+    if arch == "qwen3moe":
+        np.testing.assert_array_equal(  # expert 5's up projection, stacked at index 5 (ne = [in, out, E])
+            w["blk.1.ffn_up_exps.weight"].reshape(8, 32, 64)[5],
+            hf_tensor(hf_dir, "model.layers.1.mlp.experts.5.up_proj.weight"))
+
+
+def hf_tensor(d, name):
+    from safetensors.numpy import load_file
+
+    return load_file(str(d / "model.safetensors"))[name]

@@ -341,3 +341,66 @@ def test_hf_gemma2_loader_adds_one_to_every_norm(tmp_path, gemma):
     for name in w:
         np.testing.assert_array_equal(w[name], expected[name], err_msg=name)
     assert np.all(w["blk.3.post_ffw_norm.weight"] > 0.5)  # 1 + 0.1 N(0, 1): the +1 is there
+
+
+# -- Qwen3-MoE -----------------------------------------------------------------------------------------
+
+
+@pytest.mark.skipif(not moe_available(), reason="needs fusec.models.moe")
+def test_qwen3_moe_graph_every_layer_moe_with_qk_norm():
+    cfg = config_from_dict(MOE)
+    specs = weight_specs(cfg)
+    assert "blk.0.ffn_gate.weight" not in specs and specs["blk.1.ffn_gate_inp.weight"].ne == (64, 8, 1, 1)
+    assert specs["blk.1.ffn_down_exps.weight"].ne == (32, 64, 8, 1) and "blk.1.attn_q_norm.weight" in specs
+    g = build_llama_decode(cfg, n_tokens=2, n_kv=8, kv_size=8)
+    for il in range(cfg.num_hidden_layers):
+        lo = g.by_name(f"l_out-{il}")
+        assert lo.src[0].name == f"ffn_moe_out-{il}" and lo.src[1].name == f"ffn_inp-{il}"
+        assert g.by_name(f"Qcur_normed-{il}").src[0].ne == (32, 4, 2, 1)
+        assert ops_of_layer(g, il)["MUL_MAT_ID"] == 3 and "SWIGLU" in ops_of_layer(g, il)
+
+
+def test_qwen3_moe_transformers5_names_and_with_experts():
+    data = {k: v for k, v in MOE.items() if k != "num_experts"}
+    cfg = config_from_dict({**data, "num_local_experts": 8})
+    assert (cfg.n_expert, cfg.n_expert_used, cfg.n_ff_exp) == (8, 2, 32)
+    small = load_config("qwen3-30b-a3b").with_experts(16)
+    assert (small.n_expert, small.n_expert_used, small.name) == (16, 8, "qwen3-30b-a3b-E16")
+    assert load_config("qwen3-30b-a3b").with_experts(4).n_expert_used == 4
+    with pytest.raises(ConfigError, match="no experts"):
+        load_config("gemma-2-2b").with_experts(4)
+
+
+@pytest.mark.skipif(not moe_available(), reason="needs fusec.models.moe")
+def test_hf_qwen3_moe_missing_expert_is_named(tmp_path):
+    import json
+
+    from fusec.models import load_model
+
+    st = pytest.importorskip("safetensors.numpy")
+    cfg = config_from_dict(MOE)
+    t: dict[str, np.ndarray] = {"model.embed_tokens.weight": np.zeros((97, 64), np.float32),
+                                "model.norm.weight": np.ones(64, np.float32),
+                                "lm_head.weight": np.zeros((97, 64), np.float32)}
+    names = {"attn_norm": "input_layernorm", "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj",
+             "attn_v": "self_attn.v_proj", "attn_output": "self_attn.o_proj", "attn_q_norm": "self_attn.q_norm",
+             "attn_k_norm": "self_attn.k_norm", "ffn_norm": "post_attention_layernorm", "ffn_gate_inp": "mlp.gate"}
+    for name, spec in weight_specs(cfg).items():
+        if not name.startswith("blk."):
+            continue
+        _, il, rest = name.split(".", 2)
+        kind = rest.split(".")[0]
+        if kind.endswith("_exps"):
+            for e in range(8):
+                if not (il == "1" and kind == "ffn_up_exps" and e == 6):
+                    t[f"model.layers.{il}.mlp.experts.{e}.{kind[4:-5]}_proj.weight"] = np.zeros(
+                        spec.np_shape[-2:], np.float32)
+        else:
+            t[f"model.layers.{il}.{names[kind]}.weight"] = np.zeros(
+                tuple(d for d in spec.np_shape if d != 1) or (1,), np.float32)
+    d = tmp_path / "moe"
+    d.mkdir()
+    (d / "config.json").write_text(json.dumps(MOE))
+    st.save_file(t, str(d / "model.safetensors"))
+    with pytest.raises(ModelError, match=r"missing tensor 'model\.layers\.1\.mlp\.experts\.6\.up_proj\.weight'"):
+        load_model(d)

@@ -101,7 +101,7 @@ class LlamaConfig:
             (Gemma-2 ``attn_post_norm`` / ``ffn_post_norm``; GGUF ``post_attention_norm`` / ``post_ffw_norm``).
         qk_norm: RMS norm over ``head_dim`` of each Q and K head, times ``attn_q_norm`` /
             ``attn_k_norm`` (ne = [head_dim]), before RoPE (Qwen3, Qwen3-MoE).
-        n_expert: experts per MoE layer (``num_experts``); 0 = dense FFN.
+        n_expert: experts per MoE layer (``num_experts``, transformers 5: ``num_local_experts``); 0 = dense.
         n_expert_used: experts chosen per token (``num_experts_per_tok``, top-k of the router).
         n_ff_exp: FFN width of one expert (``moe_intermediate_size``).
         norm_topk_prob: the top-k router weights are renormalized to sum 1 (Qwen3-MoE).
@@ -192,6 +192,18 @@ class LlamaConfig:
         if int(n) < 2:
             raise ConfigError(f"a vocabulary needs at least 2 tokens, got {n}")
         return dataclasses.replace(self, vocab_size=int(n), name=f"{self.name}-V{int(n)}")
+
+    def with_experts(self, n: int) -> LlamaConfig:
+        """A MoE copy keeping only the first ``n`` experts (the router still picks
+        ``min(n_expert_used, n)``): real widths with expert tensors small enough for a device's
+        buffer-binding limit (Qwen3-30B-A3B's f32 ``ffn_*_exps`` are 805 MB each). Raises
+        :class:`ConfigError` for a dense config or ``n < 1``."""
+        if not self.is_moe:
+            raise ConfigError(f"model {self.name!r} has no experts to truncate")
+        if int(n) < 1:
+            raise ConfigError(f"a MoE layer needs at least 1 expert, got {n}")
+        return dataclasses.replace(self, n_expert=int(n), n_expert_used=min(self.n_expert_used, int(n)),
+                                   name=f"{self.name}-E{int(n)}")
 
     def rope_freq_factors(self) -> np.ndarray | None:
         """Llama 3 RoPE frequency factors (f32, ne = [head_dim/2]) or ``None`` without scaling.
@@ -368,7 +380,9 @@ def _moe_fields(data: dict[str, Any], name: str) -> dict[str, Any]:
     inconsistent expert counts.
     """
     try:
-        n_expert = int(data["num_experts"])
+        # transformers >= 5 writes num_local_experts for Qwen3-MoE
+        n_expert = int(data["num_experts"] if "num_experts" in data or "num_local_experts" not in data
+                       else data["num_local_experts"])
         n_used = int(data["num_experts_per_tok"])
         n_ff_exp = int(data["moe_intermediate_size"])
     except KeyError as e:

@@ -18,6 +18,10 @@ Supported architectures (HF ``architectures`` / GGUF ``general.architecture``):
   (``Gemma2Model.modify_tensors``) stores ``w + 1`` for every ``*norm.weight``; the HF loader adds 1
   the same way.
 * ``Qwen3ForCausalLM`` (HF only): rope NEOX, ``self_attn.{q,k}_norm`` -> ``attn_{q,k}_norm``.
+* ``Qwen3MoeForCausalLM`` (HF only): as Qwen3, plus the router ``mlp.gate.weight`` ->
+  ``ffn_gate_inp.weight`` and the per-expert ``mlp.experts.{e}.{gate,up,down}_proj.weight`` stacked
+  along a third axis into ``ffn_{gate,up,down}_exps.weight`` (ne = [in, out, n_expert]), as
+  ``convert_hf_to_gguf.py`` (``Qwen2MoeModel.modify_tensors``) does.
 
 **RoPE layout.** HF Llama/Mistral rotate the two *halves* of each head (``rotate_half``), while
 llama.cpp's ``llama`` graph rotates *adjacent pairs*; ``convert_hf_to_gguf.py``
@@ -35,6 +39,7 @@ presence, shape and type, unexpected tensors) before any data is converted, and 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 from collections.abc import Mapping
@@ -81,7 +86,11 @@ _HF_LAYER_GEMMA2 = {**_HF_LAYER,
 _HF_LAYER_QWEN3 = {**_HF_LAYER,
                    "self_attn.q_norm.weight": "attn_q_norm.weight",
                    "self_attn.k_norm.weight": "attn_k_norm.weight"}
-_HF_LAYER_BY_ARCH = {"gemma2": _HF_LAYER_GEMMA2, "qwen3": _HF_LAYER_QWEN3, "qwen3moe": _HF_LAYER_QWEN3}
+# Qwen3-MoE: the router; the experts (one HF tensor per expert) are stacked, see _HF_EXPERT_RE
+_HF_LAYER_QWEN3MOE = {**_HF_LAYER_QWEN3, "mlp.gate.weight": "ffn_gate_inp.weight"}
+_HF_LAYER_BY_ARCH = {"gemma2": _HF_LAYER_GEMMA2, "qwen3": _HF_LAYER_QWEN3, "qwen3moe": _HF_LAYER_QWEN3MOE}
+# model.layers.{il}.mlp.experts.{e}.{gate,up,down}_proj.weight -> expert e of blk.{il}.ffn_{gate,up,down}_exps.weight
+_HF_EXPERT_RE = re.compile(r"^model\.layers\.(\d+)\.mlp\.experts\.(\d+)\.(gate|up|down)_proj\.weight$")
 _HF_LAYER_RE = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
 _HF_IGNORED_RE = re.compile(r"(^|\.)rotary_emb\.inv_freq$")  # buffers some older checkpoints saved
 
@@ -348,8 +357,9 @@ def load_hf(path: str | Path, *, weight_dtype: DType | str = "f32"
     ``get_tensor``; BF16 (which numpy lacks) as a read-only ``np.memmap`` of its bytes, widened once
     by ``gguf.quants`` (BF16). Llama/Mistral q/k projections are permuted to llama.cpp's layout
     (:func:`permute_rope_rows`); llama3 ``rope_freqs.weight`` is computed from ``rope_scaling``;
-    Gemma-2 norm weights get ``+1`` (:func:`gemma_norm_weight`). MoE checkpoints (Qwen3-MoE) raise
-    :class:`ModelError` (per-expert tensors are not mapped yet).
+    Gemma-2 norm weights get ``+1`` (:func:`gemma_norm_weight`); Qwen3-MoE expert tensors are
+    stacked per layer and projection (every expert ``0..n_expert-1`` must be present, all of one
+    shape and dtype).
     """
     try:
         from safetensors import safe_open
@@ -368,22 +378,29 @@ def load_hf(path: str | Path, *, weight_dtype: DType | str = "f32"
     if not isinstance(data, dict):
         raise ConfigError(f"model config {str(cfg_path)!r} is not a JSON object")
     cfg = config_from_dict(data, name=d.resolve().name)
-    if cfg.is_moe:
-        raise ModelError(f"{d}: loading MoE checkpoints ({cfg.arch}, {cfg.n_expert} experts) is not supported yet; "
-                         "use the shipped config with random weights")
     files = sorted(d.glob("*.safetensors"))
     if not files:
         raise ModelError(f"{d}: no *.safetensors files (only safetensors checkpoints are supported)")
     specs = weight_specs(cfg)
 
     # pass 1: names, dtypes, shapes (no tensor data read)
-    found: dict[str, tuple[Path, str, str, tuple[int, ...]]] = {}  # gguf name -> (file, hf name, dtype, shape)
+    found: dict[str, tuple[Any, str, str, tuple[int, ...]]] = {}  # gguf name -> (file, hf name, dtype, shape)
+    experts: dict[str, dict[int, tuple[Path, str, str, tuple[int, ...]]]] = {}  # stacked name -> expert -> entry
     extra: list[str] = []
     for f in files:
         try:
             with safe_open(str(f), framework="np") as st:
                 for hf_name in st.keys():
                     sl = st.get_slice(hf_name)
+                    em = _HF_EXPERT_RE.match(hf_name) if cfg.is_moe else None
+                    if em:
+                        gname = f"blk.{em.group(1)}.ffn_{em.group(3)}_exps.weight"
+                        if gname in specs and int(em.group(2)) < cfg.n_expert:
+                            experts.setdefault(gname, {})[int(em.group(2))] = (
+                                f, hf_name, str(sl.get_dtype()), tuple(int(x) for x in sl.get_shape()))
+                        else:
+                            extra.append(hf_name)
+                        continue
                     gname = hf_to_gguf_name(hf_name, cfg.arch)
                     if gname is None or gname not in specs:
                         if gname == "output.weight" and cfg.tie_word_embeddings:
@@ -395,6 +412,8 @@ def load_hf(path: str | Path, *, weight_dtype: DType | str = "f32"
         except Exception as e:  # safetensors raises its own SafetensorError for a corrupt file
             raise ModelError(f"{f}: not a readable safetensors file: {e}") from None
     where = str(d)
+    for gname, by_expert in experts.items():
+        found[gname] = _stack_entry(where, gname, by_expert, cfg.n_expert)
     rope_freqs = cfg.rope_freq_factors()
     if rope_freqs is not None:
         found["rope_freqs.weight"] = (d, "rope_freqs.weight", "F32", tuple(rope_freqs.shape))
@@ -402,6 +421,10 @@ def load_hf(path: str | Path, *, weight_dtype: DType | str = "f32"
     for name in specs:
         if name not in found:
             m = re.match(r"blk\.(\d+)\.(.+)$", name)
+            em = re.match(r"blk\.(\d+)\.ffn_(gate|up|down)_exps\.weight$", name)
+            if em:
+                raise ModelError(f"{where}: missing tensor 'model.layers.{em.group(1)}.mlp.experts.0."
+                                 f"{em.group(2)}_proj.weight' ({name})")
             hf = missing_hf.get(name) or (m and next(
                 (f"model.layers.{m.group(1)}.{k}" for k, v in _HF_LAYER_BY_ARCH.get(cfg.arch, _HF_LAYER).items()
                  if v == m.group(2)), None))
@@ -418,35 +441,66 @@ def load_hf(path: str | Path, *, weight_dtype: DType | str = "f32"
     gguf = None
     headers: dict[Path, tuple[int, dict[str, Any]]] = {}
     weights: dict[str, np.ndarray] = {}
-    by_file: dict[Path, list[str]] = {}
-    for name in specs:
-        by_file.setdefault(found[name][0], []).append(name)
-    for f, names in by_file.items():
-        if f == d:  # computed tensors
-            for name in names:
+
+    def read(st, f: Path, hf_name: str, dt: str, shape: tuple[int, ...]) -> np.ndarray:
+        nonlocal gguf
+        if dt != "BF16":
+            return st.get_tensor(hf_name)
+        gguf = gguf or _gguf()
+        if f not in headers:
+            headers[f] = _safetensors_header(f)
+        start, header = headers[f]
+        b, e = header[hf_name]["data_offsets"]
+        raw = np.memmap(f, dtype=np.uint8, mode="r", offset=start + b, shape=(e - b,))
+        byte_shape = (*shape[:-1], shape[-1] * 2) if shape else (2,)
+        return gguf.quants.dequantize(raw.reshape(byte_shape), gguf.GGMLQuantizationType.BF16)
+
+    with contextlib.ExitStack() as stack:
+        handles: dict[Path, Any] = {}
+
+        def handle(f: Path):
+            if f not in handles:
+                handles[f] = stack.enter_context(safe_open(str(f), framework="np"))
+            return handles[f]
+
+        for name in specs:
+            f, hf_name, dt, shape = found[name]
+            if f == d:  # computed tensors
                 weights[name] = _finish(rope_freqs, specs[name], wt)
-            continue
-        with safe_open(str(f), framework="np") as st:
-            for name in names:
-                _, hf_name, dt, shape = found[name]
-                if dt == "BF16":
-                    gguf = gguf or _gguf()
-                    if f not in headers:
-                        headers[f] = _safetensors_header(f)
-                    start, header = headers[f]
-                    b, e = header[hf_name]["data_offsets"]
-                    raw = np.memmap(f, dtype=np.uint8, mode="r", offset=start + b, shape=(e - b,))
-                    byte_shape = (*shape[:-1], shape[-1] * 2) if shape else (2,)
-                    arr = gguf.quants.dequantize(raw.reshape(byte_shape), gguf.GGMLQuantizationType.BF16)
-                else:
-                    arr = st.get_tensor(hf_name)
-                if cfg.rope_mode == 0 and name.endswith((".attn_q.weight", ".attn_k.weight")):
-                    heads = cfg.num_attention_heads if ".attn_q." in name else cfg.num_key_value_heads
-                    arr = permute_rope_rows(arr, heads)
-                if cfg.arch == "gemma2" and name.endswith("norm.weight"):
-                    arr = gemma_norm_weight(arr)
-                weights[name] = _finish(arr, specs[name], wt)
+                continue
+            if f is None:  # stacked experts: hf_name is the label, the entries follow in order
+                arr = np.stack([read(handle(ef), ef, en, edt, eshape)
+                                for ef, en, edt, eshape in experts[name].values()])
+            else:
+                arr = read(handle(f), f, hf_name, dt, shape)
+            if cfg.rope_mode == 0 and name.endswith((".attn_q.weight", ".attn_k.weight")):
+                heads = cfg.num_attention_heads if ".attn_q." in name else cfg.num_key_value_heads
+                arr = permute_rope_rows(arr, heads)
+            if cfg.arch == "gemma2" and name.endswith("norm.weight"):
+                arr = gemma_norm_weight(arr)
+            weights[name] = _finish(arr, specs[name], wt)
     return cfg, weights, hf_tokenizer(d, data)
+
+
+def _stack_entry(where: str, gname: str, by_expert: dict[int, tuple[Path, str, str, tuple[int, ...]]],
+                 n_expert: int) -> tuple[None, str, str, tuple[int, ...]]:
+    """The ``found`` entry of a stacked expert tensor: ``(None, label, dtype, (n_expert, *shape))``;
+    sorts ``by_expert`` in place by expert. Raises :class:`ModelError` for a missing expert or experts
+    of different shapes or dtypes."""
+    some_e, some = next(iter(by_expert.items()))
+    missing = [e for e in range(n_expert) if e not in by_expert]
+    if missing:
+        hf = some[1].replace(f".experts.{some_e}.", f".experts.{missing[0]}.")
+        raise ModelError(f"{where}: missing tensor {hf!r} ({gname}, expert {missing[0]} of {n_expert})")
+    entries = [by_expert[e] for e in range(n_expert)]
+    by_expert.clear()
+    by_expert.update(enumerate(entries))
+    first = entries[0]
+    for _, hf_name, dt, shape in entries[1:]:
+        if (dt, shape) != (first[2], first[3]):
+            raise ModelError(f"{where}: tensor {hf_name!r} has dtype {dt} shape {list(shape)}, but expert 0 of "
+                             f"{gname} has {first[2]} {list(first[3])}: experts must agree")
+    return None, first[1].replace(".experts.0.", ".experts.*."), first[2], (n_expert, *first[3])
 
 
 def hf_tokenizer(d: Path, config: Mapping[str, Any]) -> Tokenizer | None:
