@@ -11,14 +11,14 @@ Supported architectures (HF ``architectures`` / GGUF ``general.architecture``):
   ``llama``; its ``sliding_window`` is kept in ``cfg.sliding_window``, and read back from a GGUF's
   ``llama.attention.sliding_window``): rope mode 0 (normal, adjacent pairs).
 * ``Qwen2ForCausalLM`` / ``qwen2``: q/k/v biases, rope mode 2 (NEOX).
-* ``Gemma2ForCausalLM`` (HF only): rope NEOX, tied output, four norms per layer. HF's
+* ``Gemma2ForCausalLM`` / ``gemma2``: rope NEOX, tied output, four norms per layer. HF's
   ``post_attention_layernorm`` is Gemma-2's post-attention norm (GGUF ``post_attention_norm``), not
   the FFN pre-norm (``pre_feedforward_layernorm`` -> ``ffn_norm``). Gemma's ``RMSNorm`` computes
   ``x_normed * (1 + w)`` while llama.cpp multiplies by the stored weight, so ``convert_hf_to_gguf.py``
   (``Gemma2Model.modify_tensors``) stores ``w + 1`` for every ``*norm.weight``; the HF loader adds 1
   the same way.
-* ``Qwen3ForCausalLM`` (HF only): rope NEOX, ``self_attn.{q,k}_norm`` -> ``attn_{q,k}_norm``.
-* ``Qwen3MoeForCausalLM`` (HF only): as Qwen3, plus the router ``mlp.gate.weight`` ->
+* ``Qwen3ForCausalLM`` / ``qwen3``: rope NEOX, ``self_attn.{q,k}_norm`` -> ``attn_{q,k}_norm``.
+* ``Qwen3MoeForCausalLM`` / ``qwen3moe``: as Qwen3, plus the router ``mlp.gate.weight`` ->
   ``ffn_gate_inp.weight`` and the per-expert ``mlp.experts.{e}.{gate,up,down}_proj.weight`` stacked
   along a third axis into ``ffn_{gate,up,down}_exps.weight`` (ne = [in, out, n_expert]), as
   ``convert_hf_to_gguf.py`` (``Qwen2MoeModel.modify_tensors``) does.
@@ -53,7 +53,7 @@ from .config import ConfigError, LlamaConfig, ModelError, config_from_dict
 from .tokenizer import Tokenizer
 from .weights import TensorSpec, parse_float_dtype, weight_specs
 
-GGUF_ARCHITECTURES = ("llama", "qwen2")
+GGUF_ARCHITECTURES = ("llama", "qwen2", "gemma2", "qwen3", "qwen3moe")
 GGUF_TENSOR_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0")
 SAFETENSORS_DTYPES = ("F32", "F16", "BF16")
 
@@ -222,7 +222,11 @@ def gguf_config(reader, name: str, where: str) -> LlamaConfig:
     Optional: ``.attention.head_count_kv`` (= head_count), ``.attention.key_length`` /
     ``.rope.dimension_count`` (= n_embd/n_head; must be equal), ``.rope.freq_base`` (10000),
     ``.context_length`` (2048), ``.vocab_size`` (rows of ``token_embd.weight``),
-    ``.attention.sliding_window``. Raises :class:`ModelError` naming the key.
+    ``.attention.sliding_window``. ``gemma2`` (as llama.cpp's hparams): ``.attention.sliding_window``
+    (4096) on even layers, ``.attn_logit_softcapping`` (50), ``.final_logit_softcapping`` (30), Q scale
+    ``1/sqrt(head_dim)`` (27B, 46 layers: ``1/sqrt(n_embd/n_head)``). ``qwen3moe``: ``.expert_count``,
+    ``.expert_used_count`` (required), ``.expert_feed_forward_length`` (= feed_forward_length /
+    expert_used_count). Raises :class:`ModelError` naming the key.
     """
     arch = _field(reader, "general.architecture", where)
     if arch not in GGUF_ARCHITECTURES:
@@ -246,14 +250,31 @@ def gguf_config(reader, name: str, where: str) -> LlamaConfig:
             raise ModelError(f"{where}: unsupported {arch}.rope.scaling.type={scaling!r} (supported: none; "
                              "llama3 scaling comes as the rope_freqs.weight tensor)")
         swa = _field(reader, f"{arch}.attention.sliding_window", where, None)
+        n_layer = int(_field(reader, f"{arch}.block_count", where))
+        n_ff = int(_field(reader, f"{arch}.feed_forward_length", where, 0 if arch == "qwen3moe" else ...))
+        extra: dict[str, Any] = {}
+        if arch == "gemma2":  # llama_model_loader hparams for LLM_ARCH_GEMMA2
+            swa = 4096 if swa is None else swa
+            extra = dict(swa_pattern=2, hidden_act="gelu_pytorch_tanh", embd_scale=True, post_norms=True,
+                         attn_logit_softcapping=float(_field(reader, f"{arch}.attn_logit_softcapping", where, 50.0)),
+                         final_logit_softcapping=float(_field(reader, f"{arch}.final_logit_softcapping", where,
+                                                              30.0)),
+                         query_pre_attn_scalar=float(n_embd // n_head if n_layer == 46 else head_dim))
+        elif arch == "qwen3moe":
+            n_expert = int(_field(reader, f"{arch}.expert_count", where))
+            n_used = int(_field(reader, f"{arch}.expert_used_count", where))
+            if not 1 <= n_used <= n_expert:
+                raise ModelError(f"{where}: {arch}.expert_used_count={n_used} must be in 1..expert_count={n_expert}")
+            extra = dict(n_expert=n_expert, n_expert_used=n_used, norm_topk_prob=True,
+                         n_ff_exp=int(_field(reader, f"{arch}.expert_feed_forward_length", where, n_ff // n_used)))
         cfg = LlamaConfig(
             name=name,
             hidden_size=n_embd,
-            intermediate_size=int(_field(reader, f"{arch}.feed_forward_length", where)),
+            intermediate_size=n_ff,
             num_attention_heads=n_head,
             num_key_value_heads=n_head_kv,
             head_dim=head_dim,
-            num_hidden_layers=int(_field(reader, f"{arch}.block_count", where)),
+            num_hidden_layers=n_layer,
             rms_norm_eps=float(_field(reader, f"{arch}.attention.layer_norm_rms_epsilon", where)),
             rope_theta=float(_field(reader, f"{arch}.rope.freq_base", where, 10000.0)),
             rope_scaling=None,
@@ -264,6 +285,8 @@ def gguf_config(reader, name: str, where: str) -> LlamaConfig:
             attn_bias=arch == "qwen2",
             sliding_window=None if swa is None or int(swa) == 0 else int(swa),
             rope_freqs_tensor="rope_freqs.weight" in tensors,
+            qk_norm=arch in ("qwen3", "qwen3moe"),
+            **extra,
         )
     except (TypeError, ValueError) as e:
         raise ModelError(f"{where}: bad metadata value: {e}") from None
