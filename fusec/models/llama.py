@@ -46,7 +46,8 @@ LLAMA_ROPE_TYPE_NORM = 0  # llama.cpp's rope type for LLM_ARCH_LLAMA (adjacent p
 def build_llama_decode(cfg: LlamaConfig, n_tokens: int, n_kv: int, kv_size: int, *,
                        kv_dtype: DType | str = "f32", weight_dtype: DType | str = "f32",
                        flash_attn: bool = False, mask_dtype: DType | str = "f32") -> Graph:
-    """Graph of one llama.cpp decode step (``llm_build_llama``) over ``n_tokens`` new tokens.
+    """Graph of one llama.cpp decode step (``llm_build_llama`` and the variants of the module doc:
+    ``cfg.arch`` llama, qwen2, gemma2, qwen3, qwen3moe) over ``n_tokens`` new tokens.
 
     The tokens may belong to different sequences sharing one unified KV cache (llama.cpp's
     ``kv_unified``): the graph does not know sequences at all; each token writes its K/V to its own
