@@ -28,7 +28,8 @@ def expert_windows(a: Tensor, limit: int) -> list[tuple[int, int, int]] | None:
         return None
     size = a.dtype.size
     one = (a.ne[0] - 1) * a.nb[0] + (a.ne[1] - 1) * a.nb[1] + size  # bytes spanned by one expert's matrix
-    per = (limit - (WINDOW_ALIGN - size) - one) // a.nb[2] + 1 if limit >= one + WINDOW_ALIGN else 0
+    slack = WINDOW_ALIGN + 4  # start aligned down to 256 bytes, size rounded up to 4 (WebGPU's binding rules)
+    per = (limit - slack - one) // a.nb[2] + 1 if limit >= one + slack else 0
     if per < 1:
         raise CodegenError(f"node {a.name!r}: one expert matrix spans {one} bytes, more than a WGSL binding "
                            f"of {limit} bytes holds")
@@ -36,7 +37,7 @@ def expert_windows(a: Tensor, limit: int) -> list[tuple[int, int, int]] | None:
     for e0 in range(0, a.ne[2], per):
         last = min(e0 + per, a.ne[2]) - 1
         start = (a.view_offs + e0 * a.nb[2]) // WINDOW_ALIGN * WINDOW_ALIGN
-        end = a.view_offs + last * a.nb[2] + one
+        end = min(-(-(a.view_offs + last * a.nb[2] + one) // 4) * 4, -(-a.root.span_bytes // 4) * 4)
         out.append((e0, start, end - start))
     if len(out) > MAX_WINDOWS:
         raise CodegenError(f"node {a.name!r}: {a.root.span_bytes} bytes of expert matrices need {len(out)} WGSL "
