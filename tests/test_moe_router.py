@@ -17,7 +17,7 @@ import types
 
 import numpy as np
 import pytest
-from hypothesis import given
+from hypothesis import assume, given
 from hypothesis import strategies as st
 
 from fusec.codegen import emit
@@ -128,9 +128,11 @@ def test_whole_moe_ffn_gets_the_router_and_expert_sum_fusions():
     fused, _ = rewrite(b.build([y]), default_patterns())
     assert fused_names(fused) == {"ffn_moe_weights_norm-0": ("FUSED", "moe_router_norm"),
                                   "ffn_moe_topk-0": ("FUSED_OUTPUT", None),
+                                  "ffn_moe_swiglu-0": ("FUSED", "moe_up_gate_swiglu"),
                                   "ffn_moe_out-0": ("FUSED", "add_chain_4")}
-    mmid = [t for t in fused.nodes if t.op == "MUL_MAT_ID"]
-    assert len(mmid) == 3 and all(t.src[2].op == "FUSED_OUTPUT" for t in mmid)
+    down = [t for t in fused.nodes if t.op == "MUL_MAT_ID"]
+    glu = [t for t in fused.nodes if t.name == "ffn_moe_swiglu-0"][0]
+    assert len(down) == 1 and down[0].src[2].op == "FUSED_OUTPUT" and glu.src[3] is down[0].src[2]
 
 
 def test_fusec_compile_shows_the_router_fusion(tmp_path):
@@ -197,11 +199,93 @@ def test_router_family_refuses_other_decompositions():
         emit(node, "wgsl")
 
 
+# ---------------------------------------------------------------------------------------------
+# the experts' gate/up GLU fusion (moe_up_gate_swiglu / _geglu, kernel family mul_mat_id)
+
+
+def glu_graph(op, dt, k_, m, n_as, n_used, n_tok):
+    b = GraphBuilder()
+    wg, wu = b.weight("wg", dt, (k_, m, n_as)), b.weight("wu", dt, (k_, m, n_as))
+    x = b.input("x", "f32", (k_, 1, n_tok))
+    ids = b.input("ids", "i32", (n_used, n_tok))
+    g, u = b.mul_mat_id(wg, x, ids, name="gate"), b.mul_mat_id(wu, x, ids, name="up")
+    y = b.op(op, [g, u], name="act")
+    return b.build([y]), y
+
+
+def glu_patterns():
+    return [p for p in moe_patterns() if p.name.startswith("moe_up_gate")]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@given(op=st.sampled_from(["SWIGLU", "GEGLU"]), dt=st.sampled_from(["f32", "f16"]), k_=st.sampled_from([3, 64, 130]),
+       m=st.integers(1, 20), n_as=st.integers(1, 12), n_tok=st.integers(1, 3), small_limit=st.booleans(),
+       seed=st.integers(0, 2**32 - 1), data=st.data())
+def test_gate_up_glu_kernel_matches_the_unfused_interpreter(backend, op, dt, k_, m, n_as, n_tok, small_limit, seed,
+                                                           data):
+    from fusec.backends import get_backend  # noqa: PLC0415
+    from fusec.codegen.families import mul_mat_id as mm  # noqa: PLC0415
+
+    n_used = data.draw(st.integers(1, n_as))
+    g, y = glu_graph(op, dt, k_, m, n_as, n_used, n_tok)
+    fused, _ = rewrite(g, glu_patterns())
+    assert fused_names(fused) == {"act": ("FUSED", f"moe_up_gate_{op.lower()}")}
+    rng = np.random.default_rng(seed)
+    npdt = np.float16 if dt == "f16" else np.float32
+    weights = {n: rng.standard_normal(k_ * m * n_as).astype(npdt) for n in ("wg", "wu")}
+    inputs = {"x": rng.standard_normal(k_ * n_tok).astype(np.float32),
+              "ids": np.stack([rng.permutation(n_as)[:n_used] for _ in range(n_tok)]).astype(np.int32).reshape(-1)}
+    ref = interpret(g, {**weights, **inputs})["act"].reshape(-1)
+    limit = (1 << 10) if small_limit and backend == "wgpu" else mm.WGSL_MAX_BINDING
+    try:
+        mm.expert_windows(fused.outputs[0].src[0], limit)
+    except CodegenError:  # one expert over the stand-in limit (the refusal is tested in test_moe_ops.py)
+        assume(False)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(mm, "WGSL_MAX_BINDING", limit)  # windows on WGSL when a matrix set exceeds 1 KiB
+        be = get_backend(backend)
+        be.set_weights(weights)
+        k = emit(fused.outputs[0], "wgsl")
+        assert ("_w" in k.entry) == (small_limit and weights["wg"].nbytes > limit)
+        out = be.compile(fused).run(inputs)["act"].reshape(-1)
+    assert not np.isnan(out).any() and nmse(out, ref) <= 1e-7, nmse(out, ref)
+
+
+def test_gate_up_glu_needs_matching_experts():
+    b = GraphBuilder()
+    x, ids = b.input("x", "f32", (64, 1, 1)), b.input("ids", "i32", (2, 1))
+    g = b.mul_mat_id(b.weight("wg", "f16", (64, 32, 8)), x, ids)
+    u = b.mul_mat_id(b.weight("wu", "f32", (64, 32, 8)), x, ids)  # another dtype: not fused
+    fused, _ = rewrite(b.build([b.swiglu(g, u, name="act")]), glu_patterns())
+    assert fused_names(fused) == {}
+
+
+def test_mul_mat_id_family_refuses_other_fused_nodes():
+    sb = GraphBuilder()
+    ph = sb.leaf("x", "f32", (16, 2))
+    ph.params["fused_input"] = 0
+    b = GraphBuilder()
+    node = make_fused_node(b, sb.build([sb.silu(ph)]), [b.input("x", "f32", (16, 2))],
+                           {"pattern": "p", "kernel": "mul_mat_id"}, name="not_experts")
+    with pytest.raises(CodegenError, match="not_experts.*GLU\\(MUL_MAT_ID"):
+        emit(node, "cuda")
+
+
 def _variants(backend):
+    from fusec.codegen.families import mul_mat_id as mm  # noqa: PLC0415
+
     out = {}
+    for op, dt, k_ in (("SWIGLU", "f16", 64), ("GEGLU", "f32", 63)):
+        g, _ = glu_graph(op, dt, k_, 8, 6, 2, 2)
+        fused, _ = rewrite(g, glu_patterns())
+        for limit in (mm.WGSL_MAX_BINDING, 1 << 12):
+            with pytest.MonkeyPatch.context() as mp:
+                mp.setattr(mm, "WGSL_MAX_BINDING", limit)
+                k = emit(fused.outputs[0], backend)
+            out[k.source] = k
     for n_expert, norm in ((8, True), (128, True), (128, False), (1000, True)):
         g, _, _ = router_graph(n_expert, min(8, n_expert), 2, norm=norm)
-        fused, _ = rewrite(g, moe_patterns())
+        fused, _ = rewrite(g, [p for p in moe_patterns() if p.name.startswith("moe_router")])
         for t in fused.nodes:
             if t.op == "FUSED":
                 k = emit(t, backend)
