@@ -16,13 +16,14 @@ import shutil
 
 import numpy as np
 import pytest
-from hypothesis import given
+from hypothesis import assume, given
 from hypothesis import strategies as st
 
 from fusec.codegen import emit
 from fusec.codegen.check import check_cuda, check_msl, check_wgsl
+from fusec.codegen.families import mul_mat_id as mm
 from fusec.codegen.families.argsort import MAX_COLS, padded_cols
-from fusec.errors import CodegenError, GraphError
+from fusec.errors import BackendError, CodegenError, GraphError
 from fusec.interp import InterpError, interpret
 from fusec.ir import GraphBuilder
 from fusec.ir.graph import Graph
@@ -354,6 +355,75 @@ def test_mul_mat_id_uses_4_vectors_when_aligned_and_refuses_too_many_pairs():
     huge = b.mul_mat_id(a, b.input("xh", "f32", (64, 1, 20000)), b.input("ih", "i32", (4, 20000)), name="ffn_up")
     with pytest.raises(CodegenError, match="ffn_up.*80000"):
         emit(huge, "wgsl")
+
+
+@pytest.mark.parametrize("backend", [pytest.param("wgsl", marks=requires_wgpu.mark)])
+@given(k_=st.sampled_from([4, 63, 64]), m=st.integers(1, 40), n_as=st.integers(2, 40), n_tok=st.integers(1, 3),
+       dt=st.sampled_from(["f32", "f16"]), first=st.integers(0, 3), seed=st.integers(0, 2**32 - 1), data=st.data())
+def test_mul_mat_id_binds_large_expert_tensors_as_windows(backend, k_, m, n_as, n_tok, dt, first, seed, data):
+    """With a 16 KiB binding limit (standing in for WebGPU's 128 MiB), the experts are bound as windows
+    of whole experts; the experts may be a view starting at any expert of a larger tensor."""
+    n_used = data.draw(st.integers(1, n_as))
+    rng = np.random.default_rng(seed)
+    b = GraphBuilder()
+    full = b.weight("as", dt, (k_, m, n_as + first))
+    a = b.view(full, (k_, m, n_as), full.nb, offset=first * full.nb[2]) if first else full
+    x = b.input("b", "f32", (k_, 1, n_tok))
+    ids = b.input("ids", "i32", (n_used, n_tok))
+    y = b.mul_mat_id(a, x, ids, name="y")
+    vals = {"as": rng.standard_normal(full.nelements).astype(dt.replace("f", "float")),
+            "b": rng.standard_normal(x.nelements).astype(np.float32),
+            "ids": np.stack([rng.permutation(n_as)[:n_used] for _ in range(n_tok)]).astype(np.int32).reshape(-1)}
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(mm, "WGSL_MAX_BINDING", 1 << 14)
+        try:
+            windows = mm.expert_windows(a, mm.WGSL_MAX_BINDING)
+        except CodegenError:  # one expert over the limit or too many windows (refusal tested below)
+            assume(False)
+        entry = kernel_vs_interp(y, vals, backend, exact=False)
+    assert (windows is None) == (full.nbytes <= 1 << 14) and ("_w" in entry) == (windows is not None)
+
+
+def test_expert_windows_cover_every_expert_within_the_limit():
+    b = GraphBuilder()
+    a = b.weight("as", "f16", (2048, 768, 128))  # Qwen3-30B-A3B ffn_up_exps: 402 MB in f16
+    windows = mm.expert_windows(a, mm.WGSL_MAX_BINDING)
+    assert len(windows) == 4 and [w[0] for w in windows] == [0, 42, 84, 126]
+    for i, (e0, off, size) in enumerate(windows):
+        last = (windows[i + 1][0] if i + 1 < len(windows) else 128) - 1
+        assert off % 256 == 0 and size <= mm.WGSL_MAX_BINDING
+        assert off <= e0 * a.nb[2] and (last + 1) * a.nb[2] <= off + size
+    assert mm.expert_windows(b.weight("small", "f16", (64, 64, 8)), mm.WGSL_MAX_BINDING) is None
+    k = emit(b.mul_mat_id(a, b.input("x", "f32", (2048, 1, 1)), b.input("i", "i32", (8, 1)), name="ffn_up"), "wgsl")
+    assert [bd.name for bd in k.bindings] == ["src0_0", "src0_1", "src0_2", "src0_3", "src1", "ids", "dst"]
+    assert k.param("src0_per_window") == 42 and k.entry.endswith("_w4")
+    check_wgsl(k)
+    huge = b.weight("huge", "f32", (8192, 8192, 2))  # one expert of 256 MiB
+    with pytest.raises(CodegenError, match="'huge'.*one expert matrix spans 268435456 bytes"):
+        mm.expert_windows(huge, mm.WGSL_MAX_BINDING)
+    many = b.weight("many", "f32", (1024, 1024, 600))  # 2.4 GB: 20 windows
+    with pytest.raises(CodegenError, match="'many'.*at most 16"):
+        mm.expert_windows(many, mm.WGSL_MAX_BINDING)
+    # CUDA and MSL bind the whole tensor
+    assert [bd.name for bd in emit(b.mul_mat_id(a, b.input("x2", "f32", (2048, 1, 1)),
+                                                 b.input("i2", "i32", (8, 1))), "cuda").bindings][0] == "src0"
+
+
+@requires_wgpu
+def test_over_limit_binding_is_an_error_naming_kernel_node_and_tensor(monkeypatch):
+    from fusec.backends import wgpu_runtime  # noqa: PLC0415
+
+    monkeypatch.setattr(mm, "WGSL_MAX_BINDING", 1 << 40)  # no windows
+    limit = wgpu_runtime.device().limits["max-storage-buffer-binding-size"]
+    b = GraphBuilder()
+    n_as = limit // (2 * 64 * 64) + 1  # f16 experts of 64x64: just over the device limit
+    a = b.weight("experts_big", "f16", (64, 64, n_as))
+    y = b.mul_mat_id(a, b.input("x", "f32", (64, 1, 1)), b.input("i", "i32", (1, 1)), name="moe_up")
+    k = emit(y, "wgsl")
+    arrays = {"src0": np.zeros(a.nelements, np.float16), "src1": np.ones(64, np.float32),
+              "ids": np.zeros(1, np.int32), "dst": np.zeros(64, np.float32)}
+    with pytest.raises(BackendError, match="moe_up.*'src0'.*experts_big.*binding limit"):
+        wgpu_runtime.run_kernel(k, arrays)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -93,7 +93,8 @@ def build_moe_ffn(b: GraphBuilder, cur: Tensor, il: int, cfg: object, weights: M
         ffn_moe_swiglu   = SWIGLU(gate, up)                            [n_ff_exp, k, T]
         ffn_moe_down     = MUL_MAT_ID(ffn_down_exps, swiglu, topk)     [n_embd, k, T]
         ffn_moe_weighted = MUL(down, weights)
-        ffn_moe_out      = ADD of the k VIEWs [n_embd, T] of weighted (CONT when k == 1)
+        ffn_moe_out      = ADD of the k VIEWs [n_embd, T] of weighted (CONT when k == 1); llama.cpp
+                           leaves the partial sums unnamed, fusec names them ffn_moe_add-{il}.{i}
 
     Returns ``ffn_moe_out-{il}``: f32 ne = [n_embd, n_tokens], contiguous.
 
