@@ -104,7 +104,8 @@ def cmd_check(args) -> int:
     pats = load_patterns(args.files)
     for p in pats:
         ops = " -> ".join(p.ops)
-        print(f"{p.file}:{p.line}: {p.name}: {ops} => {p.fused_op} [kernel {p.kernel}] benefit {p.benefit}: ok")
+        outs = f" outputs({', '.join(p.outputs)})" if p.outputs else ""
+        print(f"{p.file}:{p.line}: {p.name}: {ops} => {p.fused_op}{outs} [kernel {p.kernel}] benefit {p.benefit}: ok")
     print(f"{len(pats)} pattern(s) ok")
     return 0
 

@@ -24,9 +24,11 @@ def test_check_prints_one_line_per_shipped_pattern(capsys):
 
     assert main(["check", str(patterns_dir())]) == 0
     out = capsys.readouterr().out.splitlines()
-    # rms_norm.fuse (2), norm.fuse (1), gemv.fuse (3), attention.fuse (4), elementwise.fuse (10);
+    # rms_norm.fuse (5), norm.fuse (1), gemv.fuse (3), attention.fuse (4), elementwise.fuse (10), moe.fuse (4);
     # torch.fuse (5) is checked in tests/test_torch_import.py
-    assert sum(": ok" in ln and "torch.fuse" not in ln for ln in out) == 20
+    assert sum(": ok" in ln and "torch.fuse" not in ln for ln in out) == 27
+    assert any("add_rms_norm_mul: ADD -> RMS_NORM -> MUL => ADD_RMS_NORM_MUL outputs(s) [kernel norm_epilogue] "
+               "benefit 2: ok" in ln for ln in out)
     assert any("rms_norm_mul_add: RMS_NORM -> MUL -> ADD => RMS_NORM_MUL_ADD" in ln for ln in out)
 
 

@@ -326,6 +326,10 @@ def test_shipped_patterns_load():
                          *(f"add_chain_{n}" for n in range(3, 9)), "add_rms_norm", "add_rms_norm_mul",
                          "add_rms_norm_mul_add", "moe_router", "moe_router_norm", "moe_up_gate_swiglu",
                          "moe_up_gate_geglu"}
+    assert {n for n, p in pats.items() if p.outputs} == {"add_rms_norm", "add_rms_norm_mul", "add_rms_norm_mul_add",
+                                                          "moe_router", "moe_router_norm"}
+    assert pats["add_rms_norm_mul"].outputs == ["s"] and pats["add_rms_norm_mul"].benefit == 2
+    assert pats["moe_router_norm"].outputs == ["t"]
     assert {p.kernel for p in pats.values()} == {"norm_epilogue", "gemv_epilogue", "flash_attn", "elementwise_dag",
                                                  "moe_router", "mul_mat_id"}
     assert pats["ffn_up_gate_swiglu"].ops == ["MUL_MAT", "MUL_MAT", "SWIGLU"]

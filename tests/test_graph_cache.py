@@ -245,7 +245,9 @@ def test_dynamic_view_offset_is_patched_on_a_hit(backend):
 
 def _chain(blocks):
     b = GraphBuilder()
-    x = b.input("x", "f32", (16, 1))
+    # the chain starts from a residual sum, so that every block matches the same patterns (add_rms_norm*
+    # included: each norm reads an ADD) and the match count is exactly proportional to the blocks
+    x = b.add(b.input("x", "f32", (16, 1)), b.input("x1", "f32", (16, 1)), name="x0")
     w = b.weight("w", "f32", (16,))
     for i in range(blocks):
         x = b.add(b.mul(b.rms_norm(x, 1e-5, name=f"n{i}"), w, name=f"m{i}"), x, name=f"a{i}")

@@ -301,13 +301,17 @@ def test_default_patterns_fold_rmsnorm_and_attention(imported):
     graph, fused, report, _, _ = imported
     st_ = {n: s for n, s in report.patterns.items()}
     assert st_["rms_norm_decomposed"].matches == 5  # 2 per layer + the final norm
-    assert st_["rms_norm_mul"].matches == 5  # ... then fused with their weight in the next round
+    # ... then fused with their weight in the next round: the 4 norms that read a residual sum together with
+    # that ADD (add_rms_norm_mul, the sum kept as an extra output for the next residual), the first layer's
+    # input norm (it reads the embeddings) as rms_norm_mul
+    assert st_["add_rms_norm_mul"].matches == 4 and st_["rms_norm_mul"].matches == 1
     assert st_["soft_max_scale_mask"].matches == 2  # one eager attention per layer
     assert st_["swiglu_decomposed"].matches == 2
     assert not [t for t in fused.ops if t.op in ("SQR", "MEAN", "RSQRT")]
     sm = [t for t in fused.ops if t.op == "SOFT_MAX"]
     assert len(sm) == 2 and all(t.params["scale"] == 0.25 and len(t.src) == 2 for t in sm)  # 1/sqrt(16), mask
-    assert sum(t.op == "FUSED" and t.params["fused_op"] == "RMS_NORM_MUL" for t in fused.ops) == 5
+    assert sum(t.op == "FUSED" and t.params["fused_op"] == "RMS_NORM_MUL" for t in fused.ops) == 1
+    assert sum(t.op == "FUSED" and t.params["fused_op"] == "ADD_RMS_NORM_MUL" for t in fused.ops) == 4
     assert "rms_norm_decomposed" in report.format() and "soft_max_scale_mask" in report.format()
 
 
@@ -406,7 +410,8 @@ def test_cli_import_then_compile_fuses(llama, tmp_path):
     import json
 
     rep = {p["name"]: p for p in json.loads((tmp_path / "out" / "report.json").read_text())["patterns"]}
-    assert rep["rms_norm_decomposed"]["matches"] == 5 and rep["rms_norm_mul"]["matches"] == 5
+    assert rep["rms_norm_decomposed"]["matches"] == 5
+    assert rep["rms_norm_mul"]["matches"] == 1 and rep["add_rms_norm_mul"]["matches"] == 4
     assert rep["soft_max_scale_mask"]["matches"] == 2
     assert dumps(g)  # round-trips
 

@@ -97,6 +97,7 @@ def emit(node: Tensor, backend: str) -> Kernel:
         raise CodegenError(f"unknown codegen backend {backend!r} (expected one of {', '.join(BACKENDS)})")
     t0 = time.perf_counter()
     k = FAMILIES[family_of(node)](node, backend)
+    _check_extra_outputs(node, [k])
     k = _shareable(k, node)
     _diskcache().STATS.emit_s += time.perf_counter() - t0
     return k
@@ -118,6 +119,7 @@ def emit_all(node: Tensor, backend: str) -> KernelSequence:
         return KernelSequence(node, [emit(node, backend)], [])
     t0 = time.perf_counter()
     seq = SEQUENCE_FAMILIES[fam](node, backend)
+    _check_extra_outputs(node, seq.kernels)
     seq.kernels = [_shareable(k, node) for k in seq.kernels]
     names = [sc.name for sc in seq.scratch]
     bad = [b.scratch for k in seq.kernels for b in k.bindings if b.scratch is not None and b.scratch not in names]
@@ -126,6 +128,20 @@ def emit_all(node: Tensor, backend: str) -> KernelSequence:
                            f"{bad or names}")
     _diskcache().STATS.emit_s += time.perf_counter() - t0
     return seq
+
+
+def _check_extra_outputs(node: Tensor, kernels: list[Kernel]) -> None:
+    """Multi-output FUSED nodes: some kernel must write each extra output ``decomposition.outputs[k]``
+    (k >= 1; its FUSED_OUTPUT node's memory). Raises :class:`CodegenError` naming the node, the
+    family and the outputs nobody writes, so a family that ignores extra outputs fails loudly."""
+    sub = node.decomposition
+    if node.op != "FUSED" or sub is None or len(sub.outputs) < 2:
+        return
+    written = {id(b.tensor) for k in kernels for b in k.bindings if b.write and b.tensor is not None}
+    missing = [f"{k} ({o.name!r})" for k, o in enumerate(sub.outputs) if k > 0 and id(o) not in written]
+    if missing:
+        raise CodegenError(f"node {node.name!r}: kernel family {node.params.get('kernel')!r} does not write extra "
+                           f"output(s) {', '.join(missing)} of the multi-output FUSED node")
 
 
 def _diskcache():

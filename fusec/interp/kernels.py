@@ -268,16 +268,20 @@ def mul_mat_id(node: Tensor, srcs: Srcs) -> Arr:
     """Expert matmul (ggml_compute_forward_mul_mat_id): ``as`` ``ne = [K, M, n_as, 1]`` (f32 or f16,
     widened), ``b`` f32 ``ne = [K, B1, T, 1]``, ``ids`` i32 ``ne = [E, T, 1, 1]`` -> f32 ``ne = [M, E,
     T, 1]`` with ``dst[t][e][m] = sum_k as[ids[t][e]][m][k] * b[t][e % B1][k]``, accumulated in
-    float32 (numpy ``matmul``, as :func:`mul_mat`).
+    float32 (numpy ``matmul``, as :func:`mul_mat`). Like ggml-cpu, the (slot, token) pairs are
+    grouped by expert: each used expert's matrix is widened and multiplied once, so memory stays
+    O(size of one expert) however many tokens there are.
 
     Raises :class:`InterpError` for an expert id outside ``[0, n_as)`` (ggml-cpu asserts)."""
-    a, b = f32(srcs[0])[0], f32(srcs[1])[0]  # [n_as, M, K], [T, B1, K]
+    a, b = np.asarray(srcs[0])[0], f32(srcs[1])[0]  # [n_as, M, K], [T, B1, K]
     ids = np.asarray(srcs[2])[0, 0].astype(np.int64)  # [T, E]
     _check_rows(node, ids, a.shape[0])
     n_tok, n_used = ids.shape
-    w = a[ids]  # [T, E, M, K]
     x = b[:, np.arange(n_used) % b.shape[1], :]  # [T, E, K]
-    out = np.matmul(w, x[..., None])[..., 0]  # [T, E, M]
+    out = np.zeros((n_tok, n_used, a.shape[1]), dtype=F32)
+    for ex in np.unique(ids):
+        sel = ids == ex
+        out[sel] = np.matmul(x[sel], f32(a[ex]).T)
     return out.reshape(1, n_tok, n_used, a.shape[1])
 
 

@@ -314,15 +314,14 @@ def _argsort(srcs, params) -> Layout:
 
 def _mul_mat_id(srcs, params) -> Layout:
     """ggml_mul_mat_id(as, b, ids): ``as`` f32/f16 ``ne = [K, M, n_as, 1]`` (one matrix per expert,
-    rows not transposed), ``b`` f32 ``ne = [K, B1, T, 1]``, ``ids`` i32 ``ne = [E, T, 1, 1]`` with
+    ``nb[0] <= nb[1]``), ``b`` f32 ``ne = [K, B1, T, 1]``, ``ids`` i32 ``ne = [E, T, 1, 1]`` with
     ``E % B1 == 0`` -> f32 ``ne = [M, E, T, 1]``: ``dst[t][e] = as[ids[t][e]] · b[t][e % B1]``."""
     a, b, ids = srcs
     _float(a, "src[0] (as)")
     _need(b.dtype == F32, f"src[1] (b) must be f32, got {b.dtype}")
     _need(ids.dtype == I32, f"src[2] (ids) must be i32, got {ids.dtype}")
     _need(a.ne[3] == 1, f"src[0] (as) must be 3-D (one matrix per expert), got ne={list(a.ne)}")
-    _need(a.nb[0] == a.dtype.size and a.nb[0] <= a.nb[1],
-          "src[0] (as) must not be transposed (contiguous rows)")
+    _need(a.nb[0] <= a.nb[1], "src[0] (as) must not be transposed (ggml_is_transposed: nb[0] > nb[1])")
     _need(b.ne[3] == 1, f"src[1] (b) must be 3-D, got ne={list(b.ne)}")
     _need(ids.ne[2] == 1 and ids.ne[3] == 1, f"src[2] (ids) must be 2-D, got ne={list(ids.ne)}")
     _need(ids.ne[1] == b.ne[2], f"src[2] (ids) ne[1]={ids.ne[1]} != src[1] (b) ne[2]={b.ne[2]} (tokens)")

@@ -52,6 +52,9 @@ class Case:
         variant: :data:`POSITIVE` or one of :data:`NEAR_MISS_KINDS`.
         target: what the near miss breaks (interior variable, or where-clause text).
         value_seed: seed of the normal(0, 1) input values.
+        out_uses: for a multi-output pattern, declared output variable -> how the graph uses it
+            outside the match: ``"user"`` (a SCALE node ``<var>_user`` that is a graph output),
+            ``"output"`` (the value itself is a graph output), ``"both"`` or ``"none"``.
     """
 
     pattern: str
@@ -63,6 +66,7 @@ class Case:
     target: str | None = None
     value_seed: int = 0
     notes: list[str] = field(default_factory=list)
+    out_uses: dict[str, str] = field(default_factory=dict)
 
     @property
     def has_f16(self) -> bool:
@@ -80,6 +84,9 @@ class Case:
             lines.append("operands 0/1 swapped at: " + ", ".join(node_name(p, p.nodes[i]) for i in sorted(self.swaps)))
         if self.absent:
             lines.append("absent optional sources: " + ", ".join(sorted(self.absent)))
+        if self.out_uses:
+            lines.append("declared outputs used outside the match: "
+                         + ", ".join(f"{v}: {u}" for v, u in self.out_uses.items()))
         lines.append(f"variant: {self.variant}" + (f" ({self.target})" if self.target else ""))
         lines.append(f"input values: normal(0, 1), value seed {self.value_seed}")
         return lines + list(self.notes)
@@ -140,6 +147,12 @@ def realize(p: Pattern, case: Case, upto: int | None = None) -> Realized:
         tensors[node_name(p, pn)] = t
     assert t is not None
     outputs = [t]
+    if upto is None:
+        for var, use in case.out_uses.items():  # multi-output: outside uses of the declared outputs
+            if use in ("user", "both"):
+                outputs.append(b.scale(tensors[var], 2.0, name=f"{var}_user"))
+            if use in ("output", "both"):
+                outputs.append(tensors[var])
     if upto is None and case.variant == EXTRA_USER:
         outputs.append(b.scale(tensors[case.target], 2.0, name="extra_user"))  # type: ignore[index]
     elif upto is None and case.variant == INTERIOR_OUTPUT:

@@ -42,7 +42,8 @@ class KernelRunner:
     """FUSED nodes through their generated WGSL kernel, everything else through the interpreter.
 
     The kernel reads the interpreter's values of the FUSED node's sources (root memory, flattened)
-    and its result replaces the node's value in the outputs; nodes *using* a FUSED node still see
+    and its result replaces the node's value in the outputs (and, for a multi-output node, each
+    extra output replaces its ``FUSED_OUTPUT`` node's value); nodes *using* a FUSED node still see
     the decomposition's value (the generated test graphs have the FUSED node as output).
     """
 
@@ -59,10 +60,14 @@ class KernelRunner:
                 continue
             k = emit(node, "wgsl")
             arrays = {}
+            sub = node.decomposition
+            extra = {id(sub.outputs[k]): k for k in range(1, len(sub.outputs))} if sub is not None else {}
             for b in k.bindings:
                 root = b.tensor.root
                 if b.tensor is node or root is node:
                     arrays[b.name] = np.zeros(node.nelements, dtype=b.dtype.np)
+                elif b.write and id(b.tensor) in extra:  # an extra output of a multi-output node
+                    arrays[b.name] = np.zeros(root.nelements, dtype=b.dtype.np)
                 else:
                     if not root.is_contiguous:
                         raise BackendError(f"kernel runner: binding {b.name} ({root.name!r}) is not contiguous")
@@ -73,6 +78,11 @@ class KernelRunner:
                 raise BackendError(f"kernel {k.entry} writes {len(written)} buffers of node {node.name!r}")
             if node.name in out:
                 out[node.name] = res[written[0].name][: node.nelements].reshape(node.ne[::-1])
+            for b in k.bindings:
+                proj = [t for t in graph.nodes if t.op == "FUSED_OUTPUT" and t.src[0] is node
+                        and t.params["index"] == extra.get(id(b.tensor))] if b.write else []
+                if proj and proj[0].name in out:
+                    out[proj[0].name] = res[b.name][: proj[0].nelements].reshape(proj[0].ne[::-1])
         return out
 
 

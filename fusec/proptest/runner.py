@@ -48,6 +48,11 @@ def check_positive(p: Pattern, case: Case, runner) -> None:
     elif len(fused) != 1 or fused[0].name != r.root.name:
         raise PropertyFailure(f"rewritten graph has FUSED nodes {[t.name for t in fused]}, expected "
                               f"[{r.root.name!r}]")
+    else:
+        extra = sorted(t.name for t in g2.nodes if t.op == "FUSED_OUTPUT")
+        if extra != sorted(p.outputs):
+            raise PropertyFailure(f"rewritten graph has FUSED_OUTPUT nodes {extra}, expected the declared outputs "
+                                  f"{sorted(p.outputs)}")
     try:
         out = runner.run(g2, vals)
     except (CodegenError, BackendError) as e:

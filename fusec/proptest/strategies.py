@@ -227,6 +227,9 @@ def positive_cases(draw, p: Pattern, facts: PatternFacts) -> Case:
         case.swaps = frozenset(swaps)
         assume(_builds(p, case, pn.index))
     case.value_seed = draw(st.integers(0, 2**32 - 1))
+    # multi-output patterns: the declared outputs get users outside the match (the point of
+    # declaring them), are graph outputs, both, or neither (then the extra output is simply unused)
+    case.out_uses = {v: draw(st.sampled_from(OUT_USES)) for v in p.outputs}
     r = realize(p, case)
     assume(isinstance(match_at(p, r.graph, r.root), MatchResult))
     return case
@@ -245,10 +248,20 @@ def _reference_ne(p: Pattern, pn: PNode, case: Case, built, main: str | None) ->
     return (1, 1, 1, 1)
 
 
+OUT_USES = ("user", "both", "output", "none")
+"""How a positive case uses a declared output outside the match (first = shrink target)."""
+
+
+def _escapable(p: Pattern) -> list[str]:
+    """Interior values that must stay inside the match: not the root, not declared in ``outputs(...)``."""
+    return [node_name(p, pn) for pn in p.nodes[:-1] if pn.var is None or pn.var not in p.outputs]
+
+
 def near_miss_kinds(p: Pattern, facts: PatternFacts) -> list[str]:
     """The near-miss kinds derivable from ``p``: ``extra_user`` and ``interior_output`` when it has
-    an interior value, ``dtype`` / ``broadcast_swap`` when its where clauses restrict them."""
-    kinds = [EXTRA_USER, INTERIOR_OUTPUT] if len(p.nodes) > 1 else []
+    an interior value that is not a declared output, ``dtype`` / ``broadcast_swap`` when its where
+    clauses restrict them."""
+    kinds = [EXTRA_USER, INTERIOR_OUTPUT] if _escapable(p) else []
     if facts.dtype_violations:
         kinds.append(DTYPE)
     if facts.swaps:
@@ -264,8 +277,7 @@ def near_miss_cases(draw, p: Pattern, facts: PatternFacts, kind: str | None = No
     if kind is None:
         kind = draw(st.sampled_from(near_miss_kinds(p, facts)))
     if kind in (EXTRA_USER, INTERIOR_OUTPUT):
-        interiors = [node_name(p, pn) for pn in p.nodes[:-1]]
-        return replace(base, variant=kind, target=draw(st.sampled_from(interiors)))
+        return replace(base, variant=kind, target=draw(st.sampled_from(_escapable(p))))
     if kind == DTYPE:
         for v in draw(st.permutations(facts.dtype_violations)):
             spec = base.leaves.get(v.leaf)

@@ -7,6 +7,7 @@ from collections.abc import Sequence
 
 from ..dsl.ast import Capture, Pattern
 from ..dsl.checker import check_unique
+from ..errors import GraphError
 from ..ir.builder import GraphBuilder
 from ..ir.graph import Graph
 from ..ir.ops import REGISTRY, OpCheckError
@@ -93,6 +94,16 @@ def check_op_rewrite(m: MatchResult) -> NoMatch | None:
     return NoMatch(p.name, m.root.name, "where", why, p.file, p.rewrite_pos.line, m.root)
 
 
+class FusionCycle(Exception):
+    """Fusing ``match`` together with the other accepted matches of the round would create a cycle:
+    each match alone passes the matcher's cycle check, but contracting several of them can connect a
+    declared output to a source through another FUSED node (its node depends on all its sources)."""
+
+    def __init__(self, match: MatchResult):
+        super().__init__(match.root.name)
+        self.match = match
+
+
 def apply_matches(g: Graph, accepted: Sequence[MatchResult]) -> Graph:
     """A new graph where each accepted (pairwise disjoint) match is one FUSED node taking its
     root's name and flags; users of the root and graph outputs refer to the FUSED node.
@@ -100,18 +111,24 @@ def apply_matches(g: Graph, accepted: Sequence[MatchResult]) -> Graph:
     Multi-output matches (``outputs(...)``): each declared output becomes a ``FUSED_OUTPUT`` node of
     the FUSED node (:func:`fusec.rewrite.fuse.make_fused_outputs`) with the interior value's name and
     flags, and its users outside the match (and graph outputs) refer to it. Such a user may come
-    before the root in ``g``'s order; nodes are therefore built on demand, sources first (the
-    matcher's cycle check guarantees an order exists)."""
+    before the root in ``g``'s order; nodes are therefore built on demand, sources first. The
+    matcher's cycle check guarantees an order for each match alone; when several multi-output matches
+    together would form a cycle, :class:`FusionCycle` names the innermost multi-output match on it
+    (:func:`rewrite` then leaves that match for a later round)."""
     b = GraphBuilder()
     mapping: dict[int, Tensor] = {}
+    visiting: set[int] = set()  # nodes (matches: their root) being built: meeting one again is a cycle
+    stack: list[MatchResult] = []
     roots = {id(m.root): m for m in accepted}
     extra = {id(t): m for m in accepted for t in m.outputs}
     interior = {id(t) for m in accepted for t in m.interior}
 
     def emit_match(m: MatchResult) -> None:
         t = m.root
+        stack.append(m)
         for s in m.sources:
             ensure(s)
+        stack.pop()
         if m.pattern.rewrite_kind == "op":  # a canonicalization: the root becomes a plain registry op
             srcs = [mapping[id(m.bindings[v])] for v in m.pattern.leaves]
             node = b.op(m.pattern.fused_op, srcs, op_rewrite_params(m), name=t.name)
@@ -129,15 +146,23 @@ def apply_matches(g: Graph, accepted: Sequence[MatchResult]) -> Graph:
         if id(t) in mapping:
             return
         m = roots.get(id(t)) or extra.get(id(t))
+        key = id(t) if m is None else id(m.root)
+        if key in visiting:
+            culprit = next((x for x in reversed(stack) if x.outputs), None)
+            if culprit is None:  # pragma: no cover - single-output contractions never create cycles
+                raise GraphError("rewriting would create a cycle", node=repr(t.name))
+            raise FusionCycle(culprit)
+        visiting.add(key)
         if m is not None:
             emit_match(m)
-            return
-        if id(t) in interior:  # pragma: no cover - the escape check keeps interior values inside
+        elif id(t) in interior:  # pragma: no cover - the escape check keeps interior values inside
             raise AssertionError(f"interior node {t.name!r} is used outside its match")
-        for s in t.src:
-            if s is not None:
-                ensure(s)
-        mapping[id(t)] = copy_tensor(b, t, [None if s is None else mapping[id(s)] for s in t.src])
+        else:
+            for s in t.src:
+                if s is not None:
+                    ensure(s)
+            mapping[id(t)] = copy_tensor(b, t, [None if s is None else mapping[id(s)] for s in t.src])
+        visiting.discard(key)
 
     for t in g.nodes:
         if id(t) in interior and id(t) not in extra:
@@ -188,6 +213,16 @@ def rewrite(graph: Graph, patterns: Sequence[Pattern], max_iters: int = 16) -> t
         failed += [nm for nm in bad.values() if nm is not None]
         found = [m for m in found if bad.get(id(m)) is None]
         accepted, lost = select(found, index)
+        while True:
+            try:
+                g_next = apply_matches(g, accepted) if accepted else g
+                break
+            except FusionCycle as e:  # leave that match for a later round (where the matcher sees the cycle)
+                m = e.match
+                accepted = [a for a in accepted if a is not m]
+                lost.append(NoMatch(m.pattern.name, m.root.name, "overlap",
+                                    "fused together with the other matches of this round, its declared outputs "
+                                    "would feed its own sources (a cycle)", m.pattern.file, m.pattern.line, m.root))
         for f in sorted(failed + lost, key=lambda f: (index.topo[id(f.node)], f.pattern)):
             failures.append(NotFused(f.pattern, f.root, f.kind, f.reason, f.file, f.line, rnd))
         if not accepted:
@@ -202,7 +237,7 @@ def rewrite(graph: Graph, patterns: Sequence[Pattern], max_iters: int = 16) -> t
             st.applied.append(AppliedMatch(m.pattern.name, m.root.name, tuple(t.name for t in m.nodes), rnd, saved,
                                            tuple(t.name for t in m.outputs)))
             fused_keys.add((m.pattern.name, m.root.name))
-        g = apply_matches(g, accepted)
+        g = g_next
         report.rounds = rnd
     if not converged:
         report.hit_max_iters = bool(find_matches(g, pats)[0])

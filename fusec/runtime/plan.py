@@ -167,7 +167,8 @@ class BufferPlan:
         Checked: every root has a slot of the right kind and size; scratch roots sharing a slot
         have disjoint lifetimes; and the safety rule -- no computing node's output slot is a slot
         it reads (sources, sources of FUSED nodes, memory reached through views), other than
-        SET_ROWS/CPY writing their own destination.
+        SET_ROWS/CPY writing their own destination; for a multi-output FUSED node, neither is the
+        slot of any of its ``FUSED_OUTPUT`` nodes (two FUSED_OUTPUT nodes of one output are refused).
         """
         order = self.graph.nodes
         for t in order:

@@ -97,8 +97,8 @@ def emit_moe_router(node: Tensor, backend: str) -> Kernel:
     with the CLAMP's bounds when the pattern renormalizes (the sum in f32, in order j = 0..k-1).
 
     Launch: one workgroup of ``min(max(npad, 32), 256)`` threads per token, rows folded into a 2-D
-    grid. Bindings: ``src0`` (logits), ``dst`` (weights), ``ids`` (the FUSED_OUTPUT's memory), all
-    after layout parameters. Raises :class:`CodegenError` for a decomposition of another shape.
+    grid. Bindings: ``src0`` (logits), ``dst`` (weights), ``ids`` (written; bound to the memory of the
+    node's FUSED_OUTPUT of index 1). Raises :class:`CodegenError` for a decomposition of another shape.
     """
     p = plan(node)
     x = node.src[0]

@@ -274,6 +274,13 @@ def emit_norm_epilogue(node: Tensor, backend: str) -> Kernel:
     variance); all arithmetic in f32 registers. Bindings ``src<i>`` (the used sources, ascending)
     then ``dst``; params ``src<i>_ne0..3/_nb0..3/_offs``, ``dst_nb0..3/_offs`` (elements), ``eps``
     (f32) and ``grid_x`` (u32, workgroups along x; rows are folded into a 2-D grid).
+
+    With an ADD prologue (patterns ``add_rms_norm*``, :class:`Prologue`): the norm reads
+    ``x + src[prologue.operand]`` (ggml_add: the operand f32/f16 of x's dtype, ``ne`` dividing x's,
+    read as ``i % ne``), computed in f32 and rounded to x's dtype as ggml stores the sum; when the sum
+    is the FUSED node's extra output ``k`` (multi-output fusion) it is written to binding ``out<k>``
+    (after ``dst``; the decomposition's output ``k``, i.e. the node's FUSED_OUTPUT ``k``; contiguous,
+    x's dtype and ``ne``) with params ``out<k>_nb0..3/_offs``.
     Raises :class:`CodegenError` for a node :func:`plan` rejects.
     """
     return build(node, backend)
