@@ -1,34 +1,39 @@
 """Decode flash attention on the GPU machine: fusec's CUDA kernel sequence (mask pre-pass, split-KV
-attention, reduction) with and without masked-block skipping, next to PyTorch and the copy ceiling.
+vec attention, reduction) with and without masked-block skipping, next to PyTorch SDPA and the copy
+ceiling.
 
 Cases (f16 K/V, 32 query heads, 8 KV heads, head size 128, one query token per sequence):
 
-* ``4seq``: 4 sequences x 8192 cells in a unified 32768-cell KV cache, block-diagonal-causal mask
-  (each query sees exactly its own sequence's 8192 cells). Two fusec layouts of the same computation:
-  ``seq`` -- q ``ne = [128, 1, 32, 4]``, mask ``[32768, 1, 1, 4]`` (one mask batch per sequence, so the
-  pre-pass marks the other sequences' blocks skippable) -- and ``ggml`` -- llama.cpp's ubatch, q
-  ``[128, 4, 32, 1]``, mask ``[32768, 4, 1, 1]`` (the 4 rows share one row group: no block is fully
-  masked for the group, nothing is skipped).
-* ``swa``: one sequence, sliding window 4096 at the end of a 32768-cell context.
-* ``single``: one sequence of 8192 cells in an 8192-cell cache, no mask.
+* ``4seq``: 4 sequences x 8192 cells in a unified 32768-cell KV cache, block-diagonal mask (each query
+  sees exactly its own sequence's 8192 cells). fusec layouts of the same computation: ``seq`` -- q
+  ``ne = [128, 1, 32, 4]``, mask ``[32768, 1, 1, 4]`` (one mask batch per sequence) -- and ``ggml`` --
+  llama.cpp's ubatch, q ``[128, 4, 32, 1]``, mask ``[32768, 4, 1, 1]`` (one query row per row group on
+  CUDA, so each row skips the other sequences' blocks as well).
+* ``1seq4096``: one sequence, 4096 cells, all visible (an all-zero f16 mask, as llama.cpp passes one).
+* with ``--all`` also ``swa`` (window 4096 at the end of 32768 cells) and ``single`` (8192 cells, no mask).
 
 Correctness first: each fusec variant's output is poisoned with NaN, the captured CUDA graph replayed
 and the result compared with a float64 reference computed with CuPy (normalized MSE bound 5e-4, no
-NaN). Then timing with ``triton.testing.do_bench`` (median, L2 flushed between repetitions) of the
-CUDA graph replay (fusec) and of the peers (f16 q, k, v, as PyTorch runs them):
+NaN); a wrong variant is reported and not timed. Then timing with ``triton.testing.do_bench`` (median,
+L2 flushed between repetitions) of the CUDA graph replay (fusec), of each fusec kernel alone (the
+``kernels`` column: pre-pass / attention / reduce), and of the peers (f16 q, k, v, as PyTorch runs them):
 
 * ``sdpa_masked``: ``F.scaled_dot_product_attention`` over the whole cache with the boolean mask;
 * ``sdpa_own``: SDPA over only each sequence's own cells (one batched call on a strided view of the
   cache, no mask): the ideal;
-* ``flex``: ``torch.compile(flex_attention)`` with a ``create_block_mask`` block mask (the error is
-  recorded if it fails);
+* ``flex`` (only with ``--flex``: torch.compile takes a minute): ``flex_attention`` with a block mask;
 * ``copy_ideal``: the visible K/V bytes at the device-to-device copy ceiling (1 GiB copy, bytes read
   + written over time).
 
-GB/s = visible K/V bytes (the cells some query may see, K and V, every KV head) over time; ``% copy``
-= that over the copy ceiling. Results are written to ``--out`` after every case.
+fusec variants: ``fusec_skip`` (the default plan), ``fusec_noskip`` (no pre-pass: every block loaded,
+the mask read), ``fusec_skip_bps8`` / ``_bps32`` / ``_bps64`` (split-heuristic probes: KV blocks per split
+in 4..8 / 4..32 / 4..64 instead of ``flash_attn.CUDA_MIN_BPS..CUDA_MAX_BPS`` = 4..16; with skipping the
+splits share the visible blocks, so 4seq gets ~2 / ~8 / ~15 visible blocks per split instead of 4),
+``fusec_ggml_layout`` (4seq only). GB/s = visible K/V bytes (the cells some query may see, K and V,
+every KV head) over time; ``% copy`` = that over the copy ceiling. The JSON (``--out``) is rewritten
+after every case. About a minute on an H200 without ``--flex``.
 
-Usage: python bench/bench_flash_attn.py [--out results.json] [--dry]
+Usage: python bench/bench_flash_attn.py --out results.json [--all] [--flex] [--dry]
 ``--dry`` (no GPU needed) builds every case at a tiny size and checks the reference against fusec's
 interpreter and that the fusec graphs emit their CUDA kernel sequences.
 """
@@ -36,6 +41,7 @@ interpreter and that the fusec graphs emit their CUDA kernel sequences.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as dt
 import json
 import math
@@ -61,7 +67,8 @@ class Case:
     """One benchmark case: ``n_seq`` query streams (one token each) over ``n_kv`` cache cells.
 
     ``kind``: ``multi`` (sequence s owns cells ``[s*n_kv/n_seq, (s+1)*n_kv/n_seq)``), ``swa`` (the
-    last ``window`` cells visible), ``none`` (everything visible, no mask).
+    last ``window`` cells visible), ``full`` (everything visible, an all-zero mask), ``none``
+    (everything visible, no mask).
     """
 
     name: str
@@ -77,6 +84,8 @@ class Case:
             return (j[None, :] * self.n_seq // self.n_kv) == np.arange(self.n_seq)[:, None]
         if self.kind == "swa":
             return np.broadcast_to(j[None, :] >= self.n_kv - self.window, (self.n_seq, self.n_kv)).copy()
+        if self.kind == "full":
+            return np.ones((self.n_seq, self.n_kv), bool)
         return None
 
     def visible_cells(self) -> int:
@@ -85,10 +94,12 @@ class Case:
         return self.n_kv if vis is None else int(vis.any(axis=0).sum())
 
 
-def cases(scale: int = 1) -> list[Case]:
+def cases(scale: int = 1, all_cases: bool = False) -> list[Case]:
     """The benchmark cases; ``scale`` divides every length (``--dry``)."""
-    return [Case("4seq", 4, 32768 // scale, "multi"), Case("swa", 1, 32768 // scale, "swa", 4096 // scale),
-            Case("single", 1, 8192 // scale, "none")]
+    out = [Case("4seq", 4, 32768 // scale, "multi"), Case("1seq4096", 1, 4096 // scale, "full")]
+    if all_cases:
+        out += [Case("swa", 1, 32768 // scale, "swa", 4096 // scale), Case("single", 1, 8192 // scale, "none")]
+    return out
 
 
 def kv_bytes(c: Case) -> int:
@@ -155,66 +166,75 @@ def nmse(out, ref) -> float:
     return float(np.sum((out - ref) ** 2) / max(np.sum(ref**2), 1e-300))
 
 
-FUSEC_VARIANTS = [("fusec_skip", "seq", True), ("fusec_noskip", "seq", False), ("fusec_skip_wg1024", "seq", True),
-                  ("fusec_ggml_layout", "ggml", True)]
+FUSEC_VARIANTS = [("fusec_skip", "seq", True, None), ("fusec_noskip", "seq", False, None),
+                  ("fusec_skip_bps8", "seq", True, (4, 8)), ("fusec_skip_bps32", "seq", True, (4, 32)),
+                  ("fusec_skip_bps64", "seq", True, (4, 64)), ("fusec_ggml_layout", "ggml", True, None)]
 
 
-def variants_for(c: Case) -> list[tuple[str, str, bool]]:
-    """fusec variants: default plan with / without skipping; ``_wg1024``: the split heuristic aimed at
-    1024 workgroups instead of ``flash_attn.TARGET_WORKGROUPS`` (a tuning probe); the ggml layout only
-    with several sequences."""
-    return FUSEC_VARIANTS if c.n_seq > 1 else FUSEC_VARIANTS[:3]
+def variants_for(c: Case) -> list[tuple[str, str, bool, tuple[int, int] | None]]:
+    """fusec variants (name, layout, skip, (min, max) KV blocks per split or None for the default); the
+    ggml layout only with several sequences."""
+    return FUSEC_VARIANTS if c.n_seq > 1 else FUSEC_VARIANTS[:-1]
 
 
-def _target_workgroups(name: str) -> int:
-    return 1024 if name.endswith("_wg1024") else 128
+@contextlib.contextmanager
+def split_bounds(bps: tuple[int, int] | None):
+    """Temporarily replace ``flash_attn.CUDA_MIN_BPS`` / ``CUDA_MAX_BPS`` (a tuning probe)."""
+    from fusec.codegen.families import flash_attn as fa
+
+    old = (fa.CUDA_MIN_BPS, fa.CUDA_MAX_BPS)
+    if bps is not None:
+        fa.CUDA_MIN_BPS, fa.CUDA_MAX_BPS = bps
+    try:
+        yield
+    finally:
+        fa.CUDA_MIN_BPS, fa.CUDA_MAX_BPS = old
 
 
 # ---------------------------------------------------------------------------------------------------
 def dry() -> int:
     """Tiny cases: reference (numpy) vs the interpreter, and the CUDA sequences emit."""
     from fusec.backends.cuda_backend import _sequence
-    from fusec.codegen.families import flash_attn as fa
     from fusec.interp import interpret
 
     ok = True
-    for c in cases(scale=64):
+    for c in cases(scale=64, all_cases=True):
         vals = data(c, 1)
         ref = reference(np, vals)
-        for name, layout, skip in variants_for(c):
+        for name, layout, skip, bps in variants_for(c):
             g, y = build(c, layout)
             feed = dict(fusec_inputs(vals, layout), k=vals["k"], v=vals["v"])
             if "mask" in vals:
                 feed["mask"] = vals["mask"]
             got = interpret(g, feed)["y"].reshape(c.n_seq, N_HEAD, D)
             e = nmse(got, ref)
-            fa.TARGET_WORKGROUPS = _target_workgroups(name)
-            seq = _sequence(y, skip)
-            fa.TARGET_WORKGROUPS = 128
+            with split_bounds(bps):
+                seq = _sequence(y, skip)
             roles = [k.meta.get("role") for k in seq.kernels]
-            print(f"{c.name:7s} {name:18s} nmse(interp, ref)={e:.2e} kernels={roles} "
+            print(f"{c.name:8s} {name:18s} nmse(interp, ref)={e:.2e} kernels={roles} "
                   f"grids={[k.grid for k in seq.kernels]}")
             ok &= e <= 1e-10
+    for c in cases(all_cases=True):  # the full-size plans (codegen only)
+        for name, layout, skip, bps in variants_for(c):
+            with split_bounds(bps):
+                seq = _sequence(build(c, layout)[1], skip)
+            print(f"full size {c.name:8s} {name:18s} grids={[k.grid for k in seq.kernels]}")
     print("dry:", "ok" if ok else "FAILED")
     return 0 if ok else 1
 
 
 # ---------------------------------------------------------------------------------------------------
-def run_fusec(cp, timeit, c: Case, vals, ref, name: str, layout: str, skip: bool) -> dict:
+def run_fusec(cp, timeit, c: Case, vals, ref, name: str, layout: str, skip: bool, bps) -> dict:
     from fusec.backends.cuda_backend import CudaBackend
-    from fusec.codegen.families import flash_attn as fa
 
     be = CudaBackend(use_graphs=True, flash_attn_skip=skip)
     g, y = build(c, layout)
-    fa.TARGET_WORKGROUPS = _target_workgroups(name)
     w = {"k": vals["k"], "v": vals["v"]}
     if "mask" in vals:
         w["mask"] = vals["mask"]
     be.set_weights(w)
-    try:
+    with split_bounds(bps):
         exe = be.compile(g)
-    finally:
-        fa.TARGET_WORKGROUPS = 128
     inp = fusec_inputs(vals, layout)
     state: dict = {}
     exe.run(inp, state)  # eager, then capture
@@ -225,9 +245,10 @@ def run_fusec(cp, timeit, c: Case, vals, ref, name: str, layout: str, skip: bool
     out = exe.run(inp, state)["y"]  # replay
     got = np.asarray(out).reshape(c.n_seq, N_HEAD, D)  # ne [Dv, H, 1, S] (seq) or [Dv, H, S, 1] (ggml)
     err = nmse(got, ref)
-    res = {"name": name, "layout": layout, "skip": skip, "nmse": err, "nan": bool(np.isnan(got).any()),
+    res = {"name": name, "layout": layout, "skip": skip, "bps": bps, "nmse": err, "nan": bool(np.isnan(got).any()),
            "mode": exe.last_timing.get("mode"),
-           "kernels": [{"entry": k.entry, "grid": list(k.grid), "block": list(k.workgroup_size)} for k in exe.kernels]}
+           "kernels": [{"entry": k.entry, "role": k.meta.get("role"), "grid": list(k.grid),
+                        "block": list(k.workgroup_size)} for k in exe.kernels]}
     if res["nan"] or err > NMSE_BOUND:
         res["error"] = f"wrong result: nmse {err:.3e}, nan {res['nan']}"
         return res
@@ -235,6 +256,11 @@ def run_fusec(cp, timeit, c: Case, vals, ref, name: str, layout: str, skip: bool
     null = cp.cuda.Stream.null
     cp.cuda.runtime.deviceSynchronize()
     res["t_s"] = timeit(lambda: graph.launch(null))
+    # each kernel alone (bound launches of the executable, on the null stream)
+    pv = exe._param_values
+    for call, kd in zip([cl for cl in exe._calls if cl[0] == "kernel"], res["kernels"], strict=True):
+        _, k, fn, bufs, ki = call
+        kd["us"] = timeit(lambda k=k, fn=fn, bufs=bufs, ki=ki: fn(k.grid, k.workgroup_size, bufs + (pv[ki],))) * 1e6
     return res
 
 
@@ -274,7 +300,7 @@ def run_torch(torch, timeit, c: Case, vals, ref, with_flex: bool = True) -> list
                    "no mask needed (everything visible)")
     if c.kind == "multi":
         C = c.n_kv // S
-        ko = k.reshape(N_HEAD_KV, S, C, D).permute(1, 0, 2, 3)
+        ko = k.reshape(N_HEAD_KV, S, C, D).permute(1, 0, 2, 3)  # [S, H_kv, C, D], strided
         vo = v.reshape(N_HEAD_KV, S, C, D).permute(1, 0, 2, 3)
     elif c.kind == "swa":
         ko, vo = k[:, :, c.n_kv - c.window:], v[:, :, c.n_kv - c.window:]
@@ -322,9 +348,10 @@ def copy_ceiling(cp, timeit) -> float:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--out", default="bench/results/flash-attn.json")
+    ap.add_argument("--out", required="--dry" not in sys.argv, help="JSON results path")
     ap.add_argument("--dry", action="store_true", help="tiny CPU-only checks (no GPU)")
-    ap.add_argument("--no-flex", action="store_true")
+    ap.add_argument("--all", action="store_true", help="also the swa and single (no mask) cases")
+    ap.add_argument("--flex", action="store_true", help="also torch.compile(flex_attention) (slow to compile)")
     args = ap.parse_args()
     if args.dry:
         return dry()
@@ -333,7 +360,7 @@ def main() -> int:
     from triton.testing import do_bench
 
     def timeit(fn) -> float:
-        return float(do_bench(fn, warmup=25, rep=150, return_mode="median")) * 1e-3
+        return float(do_bench(fn, warmup=10, rep=60, return_mode="median")) * 1e-3
 
     t_start = time.perf_counter()
     ceiling = copy_ceiling(cp, timeit)
@@ -342,38 +369,40 @@ def main() -> int:
            "copy_ceiling_gbs": ceiling, "timing": "triton.testing.do_bench median, L2 flushed",
            "shape": {"D": D, "n_head": N_HEAD, "n_head_kv": N_HEAD_KV, "kv": "f16", "q_fusec": "f32",
                      "q_torch": "f16"}, "cases": []}
-    print(f"copy ceiling {ceiling:.0f} GB/s")
-    for c in cases():
+    print(f"copy ceiling {ceiling:.0f} GB/s", flush=True)
+    for c in cases(all_cases=args.all):
         vals = data(c)
         ref = cp.asnumpy(reference(cp, vals))
         vb = kv_bytes(c)
         entry = {"case": c.name, "n_seq": c.n_seq, "n_kv": c.n_kv, "kind": c.kind, "window": c.window,
                  "visible_kv_bytes": vb, "results": []}
         rows = []
-        for name, layout, skip in variants_for(c):
+        for name, layout, skip, bps in variants_for(c):
             try:
-                rows.append(run_fusec(cp, timeit, c, vals, ref, name, layout, skip))
+                rows.append(run_fusec(cp, timeit, c, vals, ref, name, layout, skip, bps))
             except Exception as e:  # noqa: BLE001
                 rows.append({"name": name, "error": f"{type(e).__name__}: {e}", "tb": traceback.format_exc()[-1500:]})
-        flex = not args.no_flex and time.perf_counter() - t_start < 250
-        rows += run_torch(torch, timeit, c, vals, ref, with_flex=flex)
-        if not flex:
-            rows.append({"name": "flex", "error": "skipped (--no-flex or the time budget)"})
+        rows += run_torch(torch, timeit, c, vals, ref, with_flex=args.flex)
         rows.append({"name": "copy_ideal", "t_s": vb / (ceiling * 1e9)})
+        own = next((r["t_s"] for r in rows if r["name"] == "sdpa_own" and "t_s" in r), None)
         for r in rows:
             if "t_s" in r:
                 r["us"] = r["t_s"] * 1e6
                 r["gbs"] = vb / r["t_s"] / 1e9
                 r["pct_copy"] = 100 * r["gbs"] / ceiling
+                if own:
+                    r["vs_sdpa_own"] = own / r["t_s"]
         entry["results"] = rows
         doc["cases"].append(entry)
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(doc, indent=1))
         print(f"\n{c.name}: n_seq={c.n_seq} n_kv={c.n_kv} visible K/V {vb / 2**20:.0f} MiB")
+        print(f"  {'variant':18s} {'us':>9s} {'GB/s':>7s} {'%copy':>6s} {'x own':>6s} {'nmse':>8s}  kernels (us)")
         for r in rows:
             if "us" in r:
-                print(f"  {r['name']:18s} {r['us']:9.1f} us {r['gbs']:7.0f} GB/s {r['pct_copy']:5.1f}% copy"
-                      + (f"  nmse {r['nmse']:.1e}" if "nmse" in r else ""))
+                ks = " ".join(f"{k['role']}={k['us']:.1f}" for k in r.get("kernels", []) if "us" in k)
+                print(f"  {r['name']:18s} {r['us']:9.1f} {r['gbs']:7.0f} {r['pct_copy']:6.1f} "
+                      f"{r.get('vs_sdpa_own', float('nan')):6.2f} {r.get('nmse', float('nan')):8.1e}  {ks}")
             else:
                 print(f"  {r['name']:18s} ERROR {r.get('error')}")
     print(f"\ntotal {time.perf_counter() - t_start:.0f} s")

@@ -221,6 +221,20 @@ def test_benchmarks_md_from_harness_and_prototype_json(tmp_path):
     assert "FAIL rms_norm_mul f16 rows=8192 n=4096" in text
 
 
+def test_flagged_rows_are_listed_and_count_as_missing():
+    doc = _synthetic_doc()
+    run = doc["backends"]["cuda"]
+    r = run["results"][0]
+    r["flag"] = "slow GPU: this case's copy ran at 2000 GB/s"
+    text = report.render([("flagged.json", doc)])
+    assert f"FLAGGED {r['pattern']} {r['dtype']} rows={r['rows']} n={r['n']}: slow GPU" in text
+    g = goals.Goal("Gx", "test", ("cuda",), lambda row: row is r, "t_fused_us", "<=", 1e9)
+    res = goals.evaluate(g, "cuda", run["results"])
+    assert res.status == "no data" and res.missing == 1
+    del r["flag"]
+    assert goals.evaluate(g, "cuda", run["results"]).status == "pass"
+
+
 def test_load_results_rejects_other_json(tmp_path):
     p = tmp_path / "x.json"
     p.write_text("[1, 2]")

@@ -24,9 +24,9 @@ def test_check_prints_one_line_per_shipped_pattern(capsys):
 
     assert main(["check", str(patterns_dir())]) == 0
     out = capsys.readouterr().out.splitlines()
-    # rms_norm.fuse (5), norm.fuse (1), gemv.fuse (3), attention.fuse (4), elementwise.fuse (10), moe.fuse (4);
-    # torch.fuse (5) is checked in tests/test_torch_import.py
-    assert sum(": ok" in ln and "torch.fuse" not in ln for ln in out) == 27
+    # rms_norm.fuse (5), norm.fuse (1), gemv.fuse (3), attention.fuse (4), elementwise.fuse (10),
+    # rope.fuse (5), moe.fuse (4); torch.fuse (5) is checked in tests/test_torch_import.py
+    assert sum(": ok" in ln and "torch.fuse" not in ln for ln in out) == 32
     assert any("add_rms_norm_mul: ADD -> RMS_NORM -> MUL => ADD_RMS_NORM_MUL outputs(s) [kernel norm_epilogue] "
                "benefit 2: ok" in ln for ln in out)
     assert any("rms_norm_mul_add: RMS_NORM -> MUL -> ADD => RMS_NORM_MUL_ADD" in ln for ln in out)
@@ -99,7 +99,11 @@ def test_compile_llama_3_2_1b_reports_33_rms_norm_fusions(tmp_path):
     assert stats["ffn_up_gate_swiglu"]["matches"] == 16 and stats["mul_mat_add"]["matches"] == 32
     assert stats["attention_flash"]["matches"] == 16
     assert sorted(a["root"] for a in stats["attention_flash"]["applied"]) == sorted(f"kqv_out-{i}" for i in range(16))
-    assert sum(n["op"] == "FUSED" for n in graph["nodes"]) == 33 + 16 + 32 + 16
+    # + 16 K-cache writes (ROPE -> VIEW -> SET_ROWS: the FUSED node writes cache_k_l{il} in place)
+    assert stats["rope_set_rows"]["matches"] == 16
+    assert sorted(a["root"] for a in stats["rope_set_rows"]["applied"]) == sorted(
+        f"cache_k_l{i} (view)" for i in range(16))
+    assert sum(n["op"] == "FUSED" for n in graph["nodes"]) == 33 + 16 + 32 + 16 + 16
     for target, ext in (("wgsl", "wgsl"), ("cuda", "cu"), ("msl", "metal")):
         assert any(f.name.startswith("flash_attn_vec_d64_") for f in (out / "kernels" / target).glob(f"*.{ext}"))
 
@@ -111,8 +115,8 @@ def test_run_smollm2_on_wgpu_verifies_against_unfused_interpreter():
     assert "verify: ok (4 steps" in r.stdout
     # RMS_NORM->MUL: 2 per layer x 30 layers + result_norm = 61; gate/up->SWIGLU: 30; MUL_MAT->ADD (the
     # residual adds attn_out + inp_sa and ffn_out + ffn_inp, decode has one token): 2 x 30 = 60;
-    # attention (head size 64) -> flash_attn: 30
-    assert "fusions per step: 181" in r.stdout
+    # attention (head size 64) -> flash_attn: 30; ROPE -> VIEW -> SET_ROWS into the K cache: 30
+    assert "fusions per step: 211" in r.stdout
 
 
 @requires_wgpu

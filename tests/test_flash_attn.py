@@ -320,6 +320,28 @@ def _variants():
     return out
 
 
+def _cuda_vec_variants():
+    """CUDA vec: G = 1/2/8 heads per block (GQA 1/2/8), f32 mask and no mask, 2/4/8 rows per block,
+    a permuted (strided, non-vector) K and V."""
+    out = []
+    for D, gqa, kv, md in ((64, 8, "f16", "f32"), (128, 1, "f32", None), (256, 2, "f16", "f16"), (80, 8, "f32", "f16")):
+        b = GraphBuilder()
+        q = b.input("q", "f32", (D, 2, 8))
+        k = b.input("k", kv, (D, 300, 8 // gqa))
+        v = b.input("v", kv, (D, 300, 8 // gqa))
+        m = b.input("m", md, (300, 2)) if md else None
+        out.append((b.flash_attn_ext(q, k, v, m, name="y"), {}))
+    y = out[0][0]
+    out += [(y, {"rows": 2}), (y, {"rows": 4, "skip": False}), (y, {"rows": 8, "n_split": 1})]
+    b = GraphBuilder()
+    q = b.input("q", "f32", (96, 1, 4))
+    kc = b.input("kc", "f16", (300, 96, 2))  # ne [n_kv, D, heads]: K rows strided
+    k = b.permute(kc, 1, 0, 2, 3)
+    v = b.permute(b.input("vc", "f16", (300, 96, 2)), 1, 0, 2, 3)
+    out.append((b.flash_attn_ext(q, k, v, b.input("m", "f16", (300, 1)), name="y"), {}))
+    return out
+
+
 def one_cuda_unit(sources: dict[str, str]) -> str:
     """Every distinct CUDA source in one translation unit (one nvcc run instead of one per source:
     nvcc's start-up dominates): each in its own namespace, its entry renamed, its macros undefined."""
@@ -342,6 +364,10 @@ def test_every_variant_compiles(backend):
     for y in _variants():
         for k in [*emit_flash_attn_seq(y, backend).kernels, emit(y, backend)]:
             srcs.setdefault(k.source, k.entry)
+    if backend == "cuda":  # the CUDA vec kernel's own axes: heads per block, rows per block, strided K/V
+        for y, kw in _cuda_vec_variants():
+            for k in emit_flash_attn_seq(y, backend, **kw).kernels:
+                srcs.setdefault(k.source, k.entry)
     roles = {e.split("_")[2] for e in srcs.values()}
     assert {"mask", "vec", "tile", "reduce"} <= roles and len(srcs) >= 30
     if backend == "cuda":
@@ -351,14 +377,20 @@ def test_every_variant_compiles(backend):
 
 
 def test_block_sizes_per_backend_and_scratch_sizes():
+    """KV block per backend; the CUDA vec kernel runs 4 warps (each a 32-position KV block at a time)."""
     y = _variants()[0]  # D 64, n_q 1, f16, f16 mask
     for be in ("wgsl", "cuda", "msl"):
         seq = emit_all(y, be)
-        assert [k.meta["role"] for k in seq.kernels] == ["prepass", "attention", "reduce"]
-        assert seq.kernels[1].workgroup_size[0] == KV_BLOCK[be]
-        n_split = seq.kernels[1].meta["n_split"]
+        cuda = be == "cuda"  # + the list of the blocks not skipped per (head group, row group, sequence)
+        assert [k.meta["role"] for k in seq.kernels] == ["prepass", *(["blocklist"] if cuda else []), "attention",
+                                                         "reduce"]
+        att = seq.kernels[-2]
+        assert att.workgroup_size[0] == (128 if cuda else KV_BLOCK[be])
+        n_split = att.meta["n_split"]
         assert seq.scratch_bytes("partials") == 4 * 8 * n_split * (64 + 2)
         assert seq.scratch_bytes("flags") == 4 * (512 // KV_BLOCK[be])
+        if cuda:  # G = 4 heads per block: 2 head groups x 1 row group, (count, pad) + (block, flags) pairs
+            assert seq.scratch_bytes("blist") == 4 * 2 * 2 * (512 // 32 + 1)
     assert KV_BLOCK["cuda"] == KV_BLOCK["msl"] == 32
 
 

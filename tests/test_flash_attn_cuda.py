@@ -82,7 +82,7 @@ def test_sequence_matches_interpreter(D, n_q, gqa, n_kv, kv_dtype, mask_kind):
     the captured CUDA graph == the eager run, bit for bit."""
     y, g, vals = fa_case(1000 + D + n_q, D, D, n_q, 8, gqa, n_kv, kv_dtype=kv_dtype, mask_kind=mask_kind, kb=KB)
     exe = _backend(use_graphs=True).compile(g)
-    want = ["prepass", "attention", "reduce"] if n_q <= 8 else ["prepass", "attention"]
+    want = ["prepass", "blocklist", "attention", "reduce"] if n_q <= 8 else ["prepass", "attention"]
     assert roles(exe) == want
     state: dict = {}
     eager = run_cuda(exe, y, vals, state)
@@ -96,14 +96,14 @@ def test_sequence_matches_interpreter(D, n_q, gqa, n_kv, kv_dtype, mask_kind):
 @pytest.mark.parametrize("D", [64, 128, 256])
 @pytest.mark.parametrize("layout", ["seq", "ggml"])
 def test_multi_sequence_block_diagonal(D, layout):
-    """4 sequences in one unified cache, GQA 4: == interpreter; the pre-pass flags mark the other
-    sequences' blocks 0 (skipped) in the ``seq`` layout; skipping on == off."""
+    """4 sequences in one unified cache, GQA 4: == interpreter; the pre-pass flags (one query row per
+    group on CUDA) mark the other sequences' blocks 0 (skipped) in both layouts; skipping on == off."""
     from fusec.backends.wgpu_backend import _ScratchRef
 
     y, g, vals = multi_seq_case(7 + D, D, 8, 4, 4, 96, layout)
     on = _backend(use_graphs=True).compile(g)
     off = _backend(use_graphs=True, flash_attn_skip=False).compile(g)
-    assert roles(on) == ["prepass", "attention", "reduce"] and "prepass" not in roles(off)
+    assert roles(on) == ["prepass", "blocklist", "attention", "reduce"] and roles(off) == ["attention", "reduce"]
     got_on, got_off = run_cuda(on, y, vals, {}), run_cuda(off, y, vals, {})
     ref = interpret(g, vals)["y"].reshape(-1)  # no row is fully masked
     assert not np.isnan(got_on).any() and nmse(got_on, ref) <= FA_NMSE, nmse(got_on, ref)
@@ -111,11 +111,10 @@ def test_multi_sequence_block_diagonal(D, layout):
     with on.backend.on_stream():
         flags = on._memory(_ScratchRef(y, "flags")).view(np.int32).get()
     n_blocks = 4 * 96 // KB
-    if layout == "seq":  # [m3 = 4 sequences][1 group][n_blocks]: own blocks 2 (all zero), others 0
-        want = np.where(np.arange(n_blocks)[None, :] * KB // 96 == np.arange(4)[:, None], 2, 0)
-        np.testing.assert_array_equal(flags[:4 * n_blocks].reshape(4, n_blocks), want)
-    else:  # one group of the 4 rows: every block is visible to one row (mixed)
-        np.testing.assert_array_equal(flags[:n_blocks], np.ones(n_blocks, np.int32))
+    # seq: [m3 = 4 sequences][1 group][n_blocks]; ggml: [1 mask batch][4 groups of 1 row][n_blocks]:
+    # own blocks 2 (all zero), the other sequences' blocks 0 (skipped)
+    want = np.where(np.arange(n_blocks)[None, :] * KB // 96 == np.arange(4)[:, None], 2, 0)
+    np.testing.assert_array_equal(flags[:4 * n_blocks].reshape(4, n_blocks), want)
 
 
 @pytest.mark.parametrize("n_q", [1, 5, 17])
@@ -140,3 +139,63 @@ def test_rewritten_graph_runs_on_cuda_backend(n_q, softcap, mask_dtype):
     vals = attn_values(g, n_q)
     out = exe.run(vals, {})["out"]
     assert nmse(out, interpret(g, vals)["out"]) <= FA_NMSE
+
+
+@pytest.mark.parametrize(("D", "Dv", "n_q", "gqa", "n_kv", "kv", "mdt", "kind", "softcap", "max_bias", "kw"), [
+    (128, 128, 1, 4, 8200, "f16", "f16", "random", 0.0, 0.0, {}),                 # decode shape, many splits
+    (128, 128, 1, 8, 1000, "f16", "f16", "swa", 0.0, 0.0, {}),                    # G = 8 (LK = 16)
+    (128, 128, 2, 1, 777, "f32", "f32", "random", 0.0, 0.0, {}),                  # GQA 1, f32 K/V and mask
+    (64, 64, 1, 4, 97, "f16", "f16", "causal", 0.0, 0.0, {"n_split": 1000}),      # one block per split (> blocks)
+    (80, 96, 3, 2, 300, "f16", "f16", "random", 20.0, 8.0, {}),                   # D != Dv, softcap, ALiBi
+    (256, 256, 1, 8, 450, "f16", None, "zero", 0.0, 0.0, {}),                     # no mask, G = 8, LK = 32
+    (256, 256, 4, 4, 333, "f32", "f16", "blockdiag", 0.0, 0.0, {"rows": 2}),      # 2 rows per block
+    (96, 80, 5, 4, 129, "f16", "f16", "random", 0.0, 0.0, {"rows": 4, "n_split": 1}),  # no split: direct write
+])
+def test_vec_kernel_shapes(D, Dv, n_q, gqa, n_kv, kv, mdt, kind, softcap, max_bias, kw):
+    """The CUDA vec kernel (4 warps over KV blocks, G heads x QR rows per block): == interpreter with
+    fully masked rows exactly 0 (the partials of masked splits are never written or read), skipping on
+    == off, CUDA graph replay == eager."""
+    from fusec.backends import cuda_runtime as rt
+    from fusec.codegen.families.flash_attn import emit_flash_attn_seq
+
+    y, g, vals = fa_case(500 + D + n_kv, D, Dv, n_q, 8, gqa, n_kv, kv_dtype=kv, mask_dtype=mdt, mask_kind=kind,
+                         softcap=softcap, max_bias=max_bias, kb=KB)
+    if mdt is not None and n_q > 1:
+        vals["mask"][:, 1, :] = -np.inf  # a fully masked row next to live ones
+    skips = (True, False) if mdt is not None else (True,)
+    outs = [_run_seq_cuda(rt, emit_flash_attn_seq(y, "cuda", skip=sk, **kw), vals) for sk in skips]
+    check_against_interp(y, g, vals, outs[0])
+    assert all(nmse(o, outs[0]) <= 1e-10 for o in outs[1:])
+    exe = _backend(use_graphs=True).compile(g)
+    state: dict = {}
+    eager = run_cuda(exe, y, vals, state)
+    replay = run_cuda(exe, y, vals, state)
+    check_against_interp(y, g, vals, eager)
+    np.testing.assert_array_equal(replay, eager)
+
+
+def _run_seq_cuda(rt, seq, vals) -> np.ndarray:
+    """Launch a KernelSequence directly: inputs by root name, output poisoned with NaN, f32 scratch NaN
+    and i32 scratch -7 (a read of an unwritten partial or flag shows)."""
+    import cupy as cp
+
+    bufs: dict = {}
+    out_key = None
+    for k in seq.kernels:
+        for b in k.bindings:
+            key = ("s", b.scratch) if b.scratch else ("t", b.tensor.root.name)
+            if key in bufs:
+                continue
+            if b.scratch:
+                n = next(s.nbytes for s in seq.scratch if s.name == b.scratch) // 4
+                bufs[key] = cp.full(n, -7, cp.int32) if str(b.dtype) == "i32" else cp.full(n, cp.nan, cp.float32)
+            elif b.write:
+                bufs[key] = cp.full(b.tensor.root.span_bytes // 4, cp.nan, cp.float32)
+                out_key = key
+            else:
+                bufs[key] = cp.asarray(np.ascontiguousarray(vals[b.tensor.root.name], dtype=b.dtype.np).reshape(-1))
+    for k in seq.kernels:
+        keys = [("s", b.scratch) if b.scratch else ("t", b.tensor.root.name) for b in k.bindings]
+        rt.launch(k, [bufs[x] for x in keys])
+    cp.cuda.get_current_stream().synchronize()
+    return cp.asnumpy(bufs[out_key])

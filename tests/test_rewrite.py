@@ -213,13 +213,25 @@ def test_i32_source_reports_its_dtype():
     assert rep.not_fused[0].message == "where dtype(a) in [f32, f16] failed (a is i32) at t.fuse:6"
 
 
-def test_set_rows_root_is_never_fused():
+def test_set_rows_root_fuses_into_its_bound_destination():
+    """A SET_ROWS root writing into a leaf-bound tensor fuses: the FUSED node writes that source in
+    place (its result is a view of it); an interior SET_ROWS never fuses."""
     p = one("pattern p {\n match {\n  y = SET_ROWS(r, i, d)\n }\n rewrite F(r, i, d) kernel k\n}\n")
     b = GraphBuilder()
     d = b.leaf("cache", "f32", (8, 4))
     y = b.set_rows(d, b.input("r", "f32", (8, 2)), b.input("i", "i32", (2,)), name="y")
-    r = match_at(p, b.build([y]), y)
-    assert r.kind == "escape" and "writes into 'cache'" in r.reason
+    g = b.build([y])
+    assert match_at(p, g, y)
+    g2, rep = rewrite(g, [p])
+    node = g2.by_name("y")
+    assert rep.total_matches == 1 and node.op == "FUSED" and node.view_src is g2.by_name("cache")
+    q = one("pattern q {\n match {\n  y = SET_ROWS(r, i, d)\n  z = SCALE(y) { s: $s }\n }\n"
+            " rewrite F(r, i, d) kernel k\n}\n")
+    b = GraphBuilder()
+    d = b.leaf("cache", "f32", (8, 4))
+    z = b.scale(b.set_rows(d, b.input("r", "f32", (8, 2)), b.input("i", "i32", (2,)), name="y"), 2.0, name="z")
+    r = match_at(q, b.build([z]), z)
+    assert r.kind == "escape" and "writes into 'cache'" in r.reason and "only the root" in r.reason
 
 
 def test_where_type_error_is_a_pattern_error():

@@ -3,7 +3,8 @@
 A backend holds *persistent* leaves by name -- the model weights and the KV caches -- in its own
 (device) memory; :meth:`Backend.compile` turns a graph (after fusion) into an :class:`Executable`
 whose :meth:`Executable.run` binds the per-step inputs by leaf name and returns the graph outputs.
-SET_ROWS / CPY nodes whose destination is a persistent leaf update it in place, so the KV cache
+SET_ROWS / CPY nodes (and FUSED nodes ending in one, e.g. ROPE -> VIEW -> SET_ROWS) whose
+destination is a persistent leaf update it in place, so the KV cache
 written by one run is read by the next, as ``llama_kv_cache`` buffers are in llama.cpp.
 
 Arrays crossing the interface use the IR's convention: numpy shape ``ne[::-1]`` (any shape with

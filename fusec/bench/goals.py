@@ -91,7 +91,8 @@ def case_key(r: dict) -> str:
 
 
 def evaluate(goal: Goal, backend: str, rows: list[dict]) -> GoalResult:
-    """Judge ``goal`` on ``rows`` (result rows of ``backend``); skipped rows are ignored."""
+    """Judge ``goal`` on ``rows`` (result rows of ``backend``); skipped rows are ignored, flagged rows
+    (``"flag"``: the GPU ran slow during the case) count as missing."""
     sel = [r for r in rows if r.get("correct") is not None and goal.select(r)]
     failing, values = [], []
     missing = 0
@@ -100,7 +101,7 @@ def evaluate(goal: Goal, backend: str, rows: list[dict]) -> GoalResult:
         if r.get("correct") is False:
             failing.append(case_key(r) + " (incorrect)")
             continue
-        if v is None:
+        if v is None or r.get("flag"):  # a flagged row (GPU not at full speed) is no evidence either way
             missing += 1
             continue
         values.append((float(v), case_key(r)))

@@ -32,6 +32,14 @@ Vulkan, 256 MiB per side, balanced grid (2026-11-21): 1 -> 4080 GB/s, 2 -> 3968,
 8 -> 3913; the old grid (x = 65535, half of the workgroups idle) with 1 -> 3168."""
 
 
+SPIN_UP_S = 2.0
+"""Seconds of copy passes before the first timing (a Vulkan GPU idling at low clocks otherwise makes
+the first cases, and once a whole run, slow)."""
+
+SLOW_COPY_FRACTION = 0.8
+"""A large case whose side-by-side copy runs below this fraction of the run's copy ceiling is flagged."""
+
+
 def copy_wgsl(vpt: int = COPY_VPT) -> str:
     """The WGSL copy-ceiling kernel: each 256-thread workgroup copies a block of ``256 * vpt``
     vec4<f32>; thread ``lid`` moves vec4s ``lid + k * 256`` of the block (coalesced), loading all
@@ -174,6 +182,19 @@ class WgpuTimer:
             out.append((time.perf_counter() - t0) * 1e6 / repeat)
         return out
 
+    def spin_up(self, dispatches, seconds: float = 2.0) -> int:
+        """Keep the GPU busy with ``dispatches`` for at least ``seconds`` of wall time (so it leaves
+        its idle clocks before anything is timed); returns the number of passes submitted."""
+        dev = rt.device()
+        n, t0 = 0, time.perf_counter()
+        while time.perf_counter() - t0 < seconds:
+            enc = dev.create_command_encoder()
+            encode_pass(enc, dispatches, 20)
+            dev.queue.submit([enc.finish()])
+            wait_idle()
+            n += 1
+        return n
+
     def warm(self, dispatches, n: int = 3) -> None:
         dev = rt.device()
         for _ in range(n):
@@ -305,6 +326,9 @@ class WgpuMeasurer(Measurer):
         max_bind = min(lim.get("max-storage-buffer-binding-size", 1 << 27), lim.get("max-buffer-size", 1 << 28))
         nbytes = min((8 << 20) if small else CEILING_BYTES, max_bind) // 16 * 16
         disp, bufs = self._copy_dispatch(nbytes)
+        if not self.cpu:
+            self.timer.spin_up(disp, SPIN_UP_S)
+            self.notes.append(f"GPU spun up with {SPIN_UP_S:g} s of copy passes before timing")
         t = self.timer(disp)
         for b in bufs:
             b.destroy()
@@ -359,6 +383,12 @@ class WgpuMeasurer(Measurer):
             row[f"t_{name}_us"] = timer(disp)
             if prep.case.small:
                 row[f"t_{name}_b2b_us"] = timer.b2b(disp)
+        ceiling = self.overhead.get("copy_ceiling_gbs")
+        if "t_copy_us" in row and ceiling and not prep.case.small:
+            gbs = prep.case.bytes / (row["t_copy_us"] * 1e-6) / 1e9
+            if gbs < SLOW_COPY_FRACTION * ceiling:  # the GPU was not at full speed while this case ran
+                row["flag"] = (f"slow GPU: this case's copy ran at {gbs:.0f} GB/s, "
+                               f"< {SLOW_COPY_FRACTION:.0%} of the {ceiling:.0f} GB/s ceiling; rerun before using")
         if prep.case.small:
             row["host_encode_fused_us"] = timer.host_encode(rf.dispatches)
             row["host_encode_unfused_us"] = timer.host_encode(ru.dispatches)

@@ -130,6 +130,11 @@ def _backend_section(name: str, run: dict) -> list[str]:
         lines.append(f"* FAIL {r['pattern']} {r['dtype']} rows={r['rows']} n={r['n']}: {why}")
     if bad:
         lines.append("")
+    flagged = [r for r in rows if r.get("flag")]
+    for r in flagged:
+        lines.append(f"* FLAGGED {r['pattern']} {r['dtype']} rows={r['rows']} n={r['n']}: {r['flag']}")
+    if flagged:
+        lines.append("")
     return lines
 
 

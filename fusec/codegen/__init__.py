@@ -188,7 +188,10 @@ def with_nodes_header(source: str, nodes: list[str]) -> str:
 
 def emit_graph(graph: Graph, backend: str) -> list[Kernel]:
     """Kernels for every computing node of ``graph``, in execution (topological) order."""
-    return [emit(t, backend) for t in graph.nodes if needs_kernel(t)]
+    from .._gc import paused  # noqa: PLC0415
+
+    with paused():  # see fusec._gc
+        return [emit(t, backend) for t in graph.nodes if needs_kernel(t)]
 
 
 __all__ = ["BACKENDS", "Binding", "FAMILIES", "Kernel", "KernelSequence", "OP_FAMILY", "SEQUENCE_FAMILIES", "Scratch",

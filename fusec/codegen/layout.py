@@ -11,9 +11,10 @@ Param = tuple[str, str, int | float]
 def elem_strides(t: Tensor) -> tuple[int, int, int, int]:
     """``nb`` in elements; raises :class:`CodegenError` if a stride is not a whole number of elements."""
     size = t.dtype.size
-    if any(s % size for s in t.nb):
+    n0, n1, n2, n3 = t.nb
+    if n0 % size or n1 % size or n2 % size or n3 % size:
         raise CodegenError(f"node {t.name!r}: byte strides {list(t.nb)} are not multiples of {size}")
-    return tuple(s // size for s in t.nb)  # type: ignore[return-value]
+    return (n0 // size, n1 // size, n2 // size, n3 // size)
 
 
 def elem_offset(t: Tensor) -> int:
@@ -23,16 +24,28 @@ def elem_offset(t: Tensor) -> int:
     return t.view_offs // t.dtype.size
 
 
+_NAMES: dict[str, tuple[tuple[str, ...], tuple[str, ...], str]] = {}
+
+
+def _names(prefix: str) -> tuple[tuple[str, ...], tuple[str, ...], str]:
+    names = _NAMES.get(prefix)
+    if names is None:
+        names = _NAMES[prefix] = (tuple(f"{prefix}_ne{i}" for i in range(4)),
+                                  tuple(f"{prefix}_nb{i}" for i in range(4)), f"{prefix}_offs")
+    return names
+
+
 def layout_params(prefix: str, t: Tensor, *, ne: bool = True, nb: bool = True, offs: bool = True) -> list[Param]:
     """Parameters ``<prefix>_ne0..3`` (elements), ``<prefix>_nb0..3`` (element strides) and
     ``<prefix>_offs`` (element offset into the bound root buffer)."""
+    ne_names, nb_names, offs_name = _names(prefix)
     out: list[Param] = []
     if ne:
-        out += [(f"{prefix}_ne{i}", "u32", int(v)) for i, v in enumerate(t.ne)]
+        out += [(k, "u32", int(v)) for k, v in zip(ne_names, t.ne, strict=True)]
     if nb:
-        out += [(f"{prefix}_nb{i}", "u32", int(v)) for i, v in enumerate(elem_strides(t))]
+        out += [(k, "u32", int(v)) for k, v in zip(nb_names, elem_strides(t), strict=True)]
     if offs:
-        out.append((f"{prefix}_offs", "u32", elem_offset(t)))
+        out.append((offs_name, "u32", elem_offset(t)))
     return out
 
 

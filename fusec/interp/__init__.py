@@ -9,9 +9,10 @@ It is the reference every equivalence test compares against::
     y = eval_node(node, [x_value, w_value])          # one op from its source values
 
 Memory follows ggml: every root tensor owns a byte buffer, views are strided windows onto it and
-SET_ROWS/CPY write into their destination in place (a KV-cache array passed in ``values`` is
-updated across calls). Modules: :mod:`.memory` (buffers, windows, binding), :mod:`.kernels` and
-:mod:`.rope` (per-op numpy kernels), :mod:`.engine` (graph execution).
+SET_ROWS/CPY -- and FUSED nodes whose decomposition ends in one of them -- write into their
+destination in place (a KV-cache array passed in ``values`` is updated across calls). Modules:
+:mod:`.memory` (buffers, windows, binding), :mod:`.kernels` and :mod:`.rope` (per-op numpy kernels),
+:mod:`.engine` (graph execution).
 """
 
 from .engine import INPLACE_OPS, eval_node, evaluate, interpret

@@ -15,12 +15,19 @@ from .kernels import COMPUTE, WRITE
 from .memory import Memory, bind_root, coerce_value
 
 INPLACE_OPS = frozenset(WRITE)
-"""Ops whose result aliases their destination and which write into it (SET_ROWS, CPY)."""
+"""Ops whose result aliases their destination and which write into it (SET_ROWS, CPY). A FUSED node
+whose decomposition ends in one of them writes in place too (``fusec.rewrite.fuse.fused_alias_input``)."""
+
+
+def writes_in_place(t: Tensor) -> bool:
+    """``t`` executes and its result aliases another tensor's memory: SET_ROWS/CPY, or a FUSED node
+    whose decomposition writes into one of its sources (pure views execute nothing)."""
+    return t.is_view and not t.is_leaf and t.op not in VIEW_OPS
 
 
 def _written_roots(graph: Graph) -> set[Tensor]:
     """Roots whose memory some node of ``graph`` overwrites in place."""
-    return {t.root for t in graph.nodes if t.op in INPLACE_OPS}
+    return {t.root for t in graph.nodes if writes_in_place(t)}
 
 
 def _run_node(mem: Memory, node: Tensor) -> None:
@@ -47,6 +54,9 @@ def _run_node(mem: Memory, node: Tensor) -> None:
         value = values[0]
         for k, v in enumerate(values[1:], start=1):
             mem.extra[(id(node), k)] = v
+        if node.is_view:  # it writes into a source's memory: its window there is its value
+            mem.store(node, value)
+            return
     elif node.op in COMPUTE:
         value = COMPUTE[node.op](node, srcs)
     else:
@@ -62,7 +72,10 @@ def _fused(node: Tensor, srcs: Sequence[np.ndarray | None]) -> list[np.ndarray]:
     extra outputs): its decomposition evaluated with placeholder ``i`` bound to ``srcs[i]``
     (recursively for FUSED nodes inside). Placeholders alias the source memory unless the
     decomposition writes in place, in which case they are bound to copies, so that writes inside a
-    FUSED node never leak out of it (the node owns its memory and aliases nothing)."""
+    FUSED node never leak out of it. A FUSED node that writes into a source (its decomposition's
+    output aliases placeholder ``i``: SET_ROWS into a KV cache) gets the whole destination window
+    after the writes as its value; :func:`_run_node` stores it into the node's own window, which
+    aliases that source's memory -- the same bytes the unfused SET_ROWS would have left there."""
     sub = node.decomposition
     if sub is None or not sub.outputs:
         raise InterpError("FUSED node without a decomposition output", node=repr(node.name),

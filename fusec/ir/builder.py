@@ -63,17 +63,18 @@ class GraphBuilder:
             opdef = get_op(op)
         except KeyError as e:
             raise GraphError(str(e.args[0]), node=repr(nm), field="op") from None
-        full = {k: v for k, v in opdef.params.items()}
-        full.update(params or {})
+        full = dict(opdef.params)
+        if params:
+            full.update(params)
         srcs = tuple(srcs)
-        while srcs and srcs[-1] is None and len(srcs) > opdef.arity[0]:
+        lo, hi = opdef.arity
+        while srcs and srcs[-1] is None and len(srcs) > lo:
             srcs = srcs[:-1]
-        if not opdef.arity[0] <= len(srcs) <= opdef.arity[1]:
-            raise GraphError(f"{op} takes {opdef.arity[0]}..{opdef.arity[1]} sources, got {len(srcs)}",
-                             node=repr(nm), field="src")
+        if not lo <= len(srcs) <= hi:
+            raise GraphError(f"{op} takes {lo}..{hi} sources, got {len(srcs)}", node=repr(nm), field="src")
         try:
-            present = [s for s in srcs]
-            if any(s is None for s in present[: opdef.arity[0]]):
+            present = list(srcs)
+            if None in present[:lo]:
                 raise OpCheckError("required source is missing")
             lay = opdef.infer(present, full)
         except OpCheckError as e:

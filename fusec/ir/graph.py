@@ -74,21 +74,71 @@ class Graph:
 
 
 def topo_sort(nodes: list[Tensor], outputs: list[Tensor]) -> list[Tensor]:
-    """Topological order of ``nodes`` plus everything reachable from ``outputs`` (``graphlib``).
+    """Topological order of ``nodes`` plus everything reachable from ``outputs``.
 
-    Ties are broken by ``Tensor.id`` so the order is deterministic. Raises :class:`GraphError` on a
-    cycle, naming a node on it.
+    Kahn's algorithm in waves: wave 0 holds the nodes without sources, wave k+1 the nodes whose last
+    source became ready in wave k; each wave is sorted by ``Tensor.id``, so the order is
+    deterministic (the order ``graphlib.TopologicalSorter`` gives when its ready batches are sorted by
+    id, which is the reference implementation :func:`_topo_sort_graphlib` and still used when ids
+    repeat). Linear in the graph size apart from the sorts of the waves. Raises :class:`GraphError`
+    on a cycle, naming a node on it.
     """
     seen: dict[int, Tensor] = {}
-    stack = list(nodes) + list(outputs)
+    stack = [*nodes, *outputs]
+    pop, push = stack.pop, stack.append
     while stack:
-        t = stack.pop()
+        t = pop()
         if id(t) in seen:
             continue
         seen[id(t)] = t
-        stack.extend(s for s in t.src if s is not None)
+        for s in t.src:
+            if s is not None:
+                push(s)
         if t.view_src is not None:
-            stack.append(t.view_src)
+            push(t.view_src)
+    indeg: dict[int, int] = {}
+    succ: dict[int, list[Tensor]] = {}
+    wave: list[Tensor] = []
+    ids: set[int] = set()
+    for k, t in seen.items():
+        ids.add(t.id)
+        n = 0
+        for s in t.src:
+            if s is not None:
+                n += 1
+                ks = id(s)
+                if ks in succ:
+                    succ[ks].append(t)
+                else:
+                    succ[ks] = [t]
+        indeg[k] = n
+        if n == 0:
+            wave.append(t)
+    if len(ids) != len(seen):  # ties between equal ids: graphlib's own order
+        return _topo_sort_graphlib(seen)
+    order: list[Tensor] = []
+    while wave:
+        wave.sort(key=_by_id)
+        order.extend(wave)
+        nxt: list[Tensor] = []
+        for t in wave:
+            for u in succ.get(id(t), ()):
+                ku = id(u)
+                indeg[ku] -= 1
+                if indeg[ku] == 0:
+                    nxt.append(u)
+        wave = nxt
+    if len(order) != len(seen):  # a cycle: let graphlib find and name it
+        return _topo_sort_graphlib(seen)
+    return order
+
+
+def _by_id(t: Tensor) -> int:
+    return t.id
+
+
+def _topo_sort_graphlib(seen: dict[int, Tensor]) -> list[Tensor]:
+    """The reference order (``graphlib``, ready batches sorted by id) of the nodes in ``seen``."""
     ts: graphlib.TopologicalSorter = graphlib.TopologicalSorter()
     for t in seen.values():
         deps = [id(s) for s in t.src if s is not None]

@@ -13,8 +13,10 @@ Matching rules (see ``docs/patterns.md``):
 * a variable used twice must bind the same tensor; two distinct pattern op nodes never bind the
   same graph node; sources the pattern does not write must be absent;
 * the *escape check* (always on): an interior node (matched, not the root) must not be a graph
-  output nor used by any node outside the match, no leaf/wildcard may bind a matched node, and no
-  matched node may write into another tensor's memory (SET_ROWS, CPY). Interior values the pattern
+  output nor used by any node outside the match, no leaf/wildcard may bind a matched node, and only
+  the root may write into another tensor's memory (SET_ROWS, CPY), and only into the memory of a
+  tensor a leaf variable binds (the FUSED node then writes into that source in place, see
+  ``fusec.rewrite.fuse.fused_alias_input``). Interior values the pattern
   declares with ``outputs(...)`` (multi-output fusion) are exempt from the first rule: they may be
   graph outputs and have users outside the match (or none); then no source of the match may depend
   on such a value through nodes outside the match (the fused node would need its own output);
@@ -23,10 +25,11 @@ Matching rules (see ``docs/patterns.md``):
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from .._gc import paused
 from ..dsl.ast import Absent, Call, Capture, LeafVar, Num, Pattern, PNode, Str, VarRef, Wildcard
 from ..dsl.predicates import EvalContext, EvalError, evaluate, show
 from ..errors import PatternError
@@ -140,8 +143,13 @@ class GraphIndex:
 # structure
 
 
-@dataclass
+@dataclass(slots=True)
 class _State:
+    """The partial assignment of one structural match. It is shared and mutated in place: each
+    generator below undoes its own additions before it tries its next alternative or finishes, so
+    a yielded state is valid until the consumer resumes the generator (a consumer that stops early
+    must not reuse it)."""
+
     nodes: dict[int, Tensor] = field(default_factory=dict)  # id(PNode) -> tensor
     claimed: set[int] = field(default_factory=set)  # id(tensor) of matched op nodes
     leaves: dict[str, Tensor] = field(default_factory=dict)
@@ -149,7 +157,11 @@ class _State:
     wild: list[tuple[Wildcard, Tensor | None]] = field(default_factory=list)
 
     def copy(self) -> _State:
-        return _State(dict(self.nodes), set(self.claimed), dict(self.leaves), dict(self.captures), list(self.wild))
+        return _State(self.nodes.copy(), self.claimed.copy(), self.leaves.copy(), self.captures.copy(),
+                      self.wild.copy())
+
+
+_MISSING = object()
 
 
 def _param_eq(a: Any, b: Any) -> bool:
@@ -161,32 +173,103 @@ def _param_eq(a: Any, b: Any) -> bool:
 
 
 def _match_node(pn: PNode, t: Tensor | None, st: _State) -> Iterator[_State]:
-    if id(pn) in st.nodes:  # a variable used twice: same tensor
-        if st.nodes[id(pn)] is t:
+    k = id(pn)
+    if k in st.nodes:  # a variable used twice: same tensor
+        if st.nodes[k] is t:
             yield st
         return
     if t is None or t.op != pn.op or id(t) in st.claimed:
         return
     n = len(pn.args)
-    if any(s is not None for s in t.src[n:]):  # sources the pattern does not write must be absent
+    src = t.src
+    if len(src) > n and any(s is not None for s in src[n:]):  # sources the pattern does not write: absent
         return
-    st = st.copy()
+    caps = st.captures
+    undo: list[tuple[str, Any]] = []
     for key, want in pn.params.items():
         have = t.params.get(key)
         if isinstance(want, Capture):
-            if want.name in st.captures and not _param_eq(st.captures[want.name], have):
+            old = caps.get(want.name, _MISSING)
+            if old is not _MISSING and not _param_eq(old, have):
+                _undo_captures(caps, undo)
                 return
-            st.captures[want.name] = have
+            undo.append((want.name, old))
+            caps[want.name] = have
         elif not _param_eq(want, have):
+            _undo_captures(caps, undo)
             return
-    st.nodes[id(pn)] = t
+    st.nodes[k] = t
     st.claimed.add(id(t))
-    srcs = list(t.src[:n]) + [None] * (n - len(t.src[:n]))
-    orders = [list(range(n))]
-    if REGISTRY[pn.op].commutative and n >= 2:
-        orders.append([1, 0, *range(2, n)])
-    for order in orders:
-        yield from _match_args([(pn.args[i], srcs[order[i]]) for i in range(n)], st)
+    srcs = list(src[:n])
+    if len(srcs) < n:
+        srcs += [None] * (n - len(srcs))
+    args = pn.args
+    yield from _match_args([(args[i], srcs[i]) for i in range(n)], st)
+    if n >= 2 and REGISTRY[pn.op].commutative:
+        yield from _match_args([(args[0], srcs[1]), (args[1], srcs[0]), *((args[i], srcs[i]) for i in range(2, n))],
+                               st)
+    del st.nodes[k]
+    st.claimed.discard(id(t))
+    _undo_captures(caps, undo)
+
+
+def _undo_captures(caps: dict[str, Any], undo: list[tuple[str, Any]]) -> None:
+    for name, old in reversed(undo):
+        if old is _MISSING:
+            del caps[name]
+        else:
+            caps[name] = old
+
+
+def _shape_check(pn: PNode) -> Callable[[Tensor | None], bool]:
+    """A fast necessary condition for ``_match_node(pn, t, ...)`` to yield anything: ops, absent
+    trailing sources, literal params and argument kinds along the pattern tree (commutative orders
+    included), ignoring what a match state adds (variables bound twice, claimed nodes, captures).
+    :func:`find_matches` uses it to skip candidates without a structural match cheaply."""
+    op, n = pn.op, len(pn.args)
+    lits = [(k, v) for k, v in pn.params.items() if not isinstance(v, Capture)]
+    subs = [_arg_check(a) for a in pn.args]
+    swap = REGISTRY[op].commutative and n >= 2
+
+    def check(t: Tensor | None) -> bool:
+        if t is None or t.op != op:
+            return False
+        src = t.src
+        if len(src) > n and any(s is not None for s in src[n:]):
+            return False
+        for k, v in lits:
+            if not _param_eq(v, t.params.get(k)):
+                return False
+        if len(src) < n:
+            src = (*src, *([None] * (n - len(src))))
+        if all(f(s) for f, s in zip(subs, src, strict=False)):
+            return True
+        return (swap and subs[0](src[1]) and subs[1](src[0])
+                and all(f(s) for f, s in zip(subs[2:], src[2:], strict=False)))
+
+    return check
+
+
+def _present(t: Tensor | None) -> bool:
+    return t is not None
+
+
+def _absent(t: Tensor | None) -> bool:
+    return t is None
+
+
+def _anything(t: Tensor | None) -> bool:
+    return True
+
+
+def _arg_check(arg: Any) -> Callable[[Tensor | None], bool]:
+    if isinstance(arg, PNode):
+        return _shape_check(arg)
+    if isinstance(arg, LeafVar):
+        return _present
+    if isinstance(arg, Absent):
+        return _absent
+    return _anything  # Wildcard
 
 
 def _match_args(pairs: Sequence[tuple[Any, Tensor | None]], st: _State) -> Iterator[_State]:
@@ -204,17 +287,18 @@ def _match_arg(arg: Any, t: Tensor | None, st: _State) -> Iterator[_State]:
     elif isinstance(arg, LeafVar):
         if t is None:
             return
-        if arg.name in st.leaves:
-            if st.leaves[arg.name] is t:
+        leaves = st.leaves
+        if arg.name in leaves:
+            if leaves[arg.name] is t:
                 yield st
             return
-        st = st.copy()
-        st.leaves[arg.name] = t
+        leaves[arg.name] = t
         yield st
+        del leaves[arg.name]
     elif isinstance(arg, Wildcard):
-        st = st.copy()
         st.wild.append((arg, t))
         yield st
+        st.wild.pop()
     elif isinstance(arg, Absent):
         if t is None:
             yield st
@@ -230,11 +314,19 @@ def _label(pn: PNode, t: Tensor) -> str:
 
 def _escape(p: Pattern, st: _State, idx: GraphIndex) -> tuple[str, int] | None:
     matched = {id(st.nodes[id(pn)]) for pn in p.nodes}
+    bound_roots = {id(t.root) for t in st.leaves.values()}
     for pn in p.nodes:
         t = st.nodes[id(pn)]
         if t.view_src is not None and t.op not in VIEW_OPS:
-            return (f"matched node {_label(pn, t)} ({t.op}) writes into '{t.view_src.name}'; a FUSED node "
-                    "owns its memory", pn.pos.line)
+            if pn is p.root and id(t.view_src) in bound_roots:
+                readers = {id(s) for s in st.leaves.values() if s.root is t.view_src}
+                if len(readers) > 1:  # one kernel would read the memory it overwrites (no ordering)
+                    return (f"root {_label(pn, t)} ({t.op}) writes into '{t.view_src.name}', which the match also "
+                            "reads through another source", pn.pos.line)
+                continue  # the FUSED node writes into that source's memory, as the root does (fuse.py)
+            where = "an interior node" if pn is not p.root else "memory no leaf variable binds"
+            return (f"matched node {_label(pn, t)} ({t.op}) writes into '{t.view_src.name}' ({where}); only "
+                    "the root may write in place, into a fused input's memory", pn.pos.line)
     declared = set(p.outputs)
     for pn in p.nodes[:-1]:
         t = st.nodes[id(pn)]
@@ -368,11 +460,20 @@ def find_matches(graph: Graph, patterns: Sequence[Pattern],
     visited by name and candidates in topological order, so both lists are deterministic and
     independent of the order of ``patterns``. Structural non-matches are not listed.
     """
+    with paused():  # see fusec._gc
+        return _find_matches(graph, patterns, index)
+
+
+def _find_matches(graph: Graph, patterns: Sequence[Pattern],
+                  index: GraphIndex | None) -> tuple[list[MatchResult], list[NoMatch]]:
     idx = index if index is not None else GraphIndex.of(graph)
     found: list[MatchResult] = []
     failed: list[NoMatch] = []
     for p in sorted(patterns, key=lambda p: p.name):
+        shape_ok = _shape_check(p.root)
         for node in idx.by_op.get(p.root_op, []):
+            if not shape_ok(node):  # no structural match: match_at would return kind "structure"
+                continue
             r = match_at(p, graph, node, idx)
             if isinstance(r, MatchResult):
                 found.append(r)

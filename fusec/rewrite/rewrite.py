@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from .._gc import paused
 from ..dsl.ast import Capture, Pattern
 from ..dsl.checker import check_unique
 from ..errors import GraphError
@@ -12,7 +13,7 @@ from ..ir.builder import GraphBuilder
 from ..ir.graph import Graph
 from ..ir.ops import REGISTRY, OpCheckError
 from ..ir.tensor import Tensor
-from .clone import clone_graph, copy_tensor
+from .clone import clone_graph, copy_params, copy_tensor
 from .fuse import make_fused_node, make_fused_outputs
 from .match import GraphIndex, MatchResult, NoMatch, find_matches
 from .report import AppliedMatch, FusionReport, NotFused, PatternStats
@@ -60,12 +61,13 @@ def decomposition(m: MatchResult) -> Graph:
 def fused_params(m: MatchResult) -> dict:
     """FUSED params: ``{"pattern", "kernel", "fused_op", **captures}``."""
     p = m.pattern
-    return {"pattern": p.name, "kernel": p.kernel, "fused_op": p.fused_op, **m.captures}
+    return {"pattern": p.name, "kernel": p.kernel, "fused_op": p.fused_op, **copy_params(m.captures)}
 
 
 def op_rewrite_params(m: MatchResult) -> dict:
     """Params of the op a ``rewrite op`` match produces: the pattern's literals, captures resolved."""
-    return {k: (m.captures[v.name] if isinstance(v, Capture) else v) for k, v in m.pattern.rewrite_params.items()}
+    return {k: (copy_params(m.captures[v.name]) if isinstance(v, Capture) else v)
+            for k, v in m.pattern.rewrite_params.items()}
 
 
 def check_op_rewrite(m: MatchResult) -> NoMatch | None:
@@ -199,10 +201,18 @@ def rewrite(graph: Graph, patterns: Sequence[Pattern], max_iters: int = 16) -> t
     ``patterns``. Raises :class:`fusec.errors.PatternError` for duplicate pattern names or a
     where-clause that cannot be evaluated, :class:`fusec.errors.GraphError` if ``graph`` is invalid.
     """
+    with paused():  # see fusec._gc: no collector passes over the rewrite's short-lived objects
+        return _rewrite(graph, patterns, max_iters)
+
+
+def _rewrite(graph: Graph, patterns: Sequence[Pattern], max_iters: int) -> tuple[Graph, FusionReport]:
     pats = sorted(patterns, key=lambda p: p.name)
     check_unique(pats)
     report = FusionReport({p.name: PatternStats(p.name, p.file, p.line) for p in pats}, max_iters=max_iters)
-    g = clone_graph(graph)
+    # Round 1 matches on ``graph`` itself (matching never mutates it) and ``apply_matches`` builds
+    # fresh tensors, re-running shape inference on every copied node; so ``graph`` is cloned only
+    # when nothing fuses (the result must still be a copy). Same result as cloning first.
+    g = graph
     fused_keys: set[tuple[str, str]] = set()
     failures: list[NotFused] = []
     converged = False
@@ -239,6 +249,8 @@ def rewrite(graph: Graph, patterns: Sequence[Pattern], max_iters: int = 16) -> t
             fused_keys.add((m.pattern.name, m.root.name))
         g = g_next
         report.rounds = rnd
+    if g is graph:
+        g = clone_graph(graph)
     if not converged:
         report.hit_max_iters = bool(find_matches(g, pats)[0])
     seen: set[tuple[str, str, str]] = set()

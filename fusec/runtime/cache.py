@@ -40,6 +40,7 @@ from ..backends.base import Backend, Executable
 from ..ir.graph import Graph
 from ..ir.ops import VIEW_OPS
 from ..ir.tensor import Tensor
+from ..rewrite.fuse import fused_alias_input
 from .key import CacheError, StructuralKey, check_inputs, is_dynamic_view, structural_key
 
 PHASES = ("build_s", "rewrite_s", "codegen_s", "compile_s", "run_s")
@@ -119,6 +120,9 @@ def _view_parent(t: Tensor) -> Tensor | None:
         return t.src[2]
     if t.op == "CPY":
         return t.src[1]
+    if t.op == "FUSED" and t.decomposition is not None:
+        i = fused_alias_input(t.decomposition)  # a FUSED node writing into that source
+        return None if i is None else t.src[i]
     return None
 
 
@@ -207,6 +211,7 @@ class GraphCache:
 
     def _compile(self, graph: Graph, key: StructuralKey, build_s: float, timing: dict[str, Any],
                  t0: float) -> CacheEntry:
+        from .._gc import paused  # noqa: PLC0415
         from ..codegen import diskcache  # noqa: PLC0415
 
         t1 = time.perf_counter()
@@ -218,7 +223,8 @@ class GraphCache:
             run_graph, report = rewrite(graph, self.patterns)
         t2 = time.perf_counter()
         emit0 = diskcache.STATS.emit_s
-        exe = self.backend.compile(run_graph)
+        with paused():  # see fusec._gc: codegen + plan allocate many short-lived objects
+            exe = self.backend.compile(run_graph)
         t3 = time.perf_counter()
         codegen = diskcache.STATS.emit_s - emit0
         cold = {"build_s": build_s, "rewrite_s": t2 - t1, "codegen_s": codegen,

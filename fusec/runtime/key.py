@@ -22,6 +22,10 @@ llama.cpp's ``can_reuse``: tensors are named by their position in the graph, not
   nodes are not in the key (no kernel source contains them, see ``fusec.codegen._shareable``);
 * a FUSED node's decomposition, by its own structural key (recursively).
 
+A FUSED node that writes into one of its sources (``fusec.rewrite.fuse.fused_alias_input``: a
+decomposition ending in SET_ROWS) is keyed like SET_ROWS: its memory owner is that source's root
+(the view-owner position above), its ``nb`` are the destination's.
+
 ``view_offs`` is not keyed separately: it follows from the views' ``offset`` parameters and the
 topology.
 

@@ -15,8 +15,12 @@ FUSED node reads is the memory of its real sources. Every root (non-view) tensor
 
 The safety rule (the bug class of ggml's ``ggml_cuda_check_fusion_memory_ranges``): a node's
 output buffer never aliases a buffer the node reads, except for the deliberate in-place ops
-SET_ROWS/CPY, whose output *is* their destination; for a multi-output FUSED node this holds for every
-buffer it writes (its own and its ``FUSED_OUTPUT`` nodes'). :func:`plan_buffers` never produces such a
+SET_ROWS/CPY, whose output *is* their destination, and FUSED nodes whose decomposition ends in
+one of them (``fusec.rewrite.fuse.fused_alias_input``: the FUSED result is a view of the source it
+writes, e.g. ROPE -> VIEW -> SET_ROWS into a KV cache); their other sources must not live in the
+destination's buffer either (one kernel would read memory it is overwriting). For a multi-output
+FUSED node this holds for every buffer it writes (its own and its ``FUSED_OUTPUT`` nodes').
+:func:`plan_buffers` never produces such a
 plan (a slot freed by a node's last read is only handed to nodes *after* it), and
 :meth:`BufferPlan.check` verifies it, so a plan built or edited any other way is refused.
 
@@ -38,6 +42,7 @@ from ..errors import BackendError
 from ..ir.graph import Graph
 from ..ir.ops import VIEW_OPS
 from ..ir.tensor import Tensor
+from ..rewrite.fuse import fused_alias_input
 
 SLOT_ALIGN = 16
 """Slot sizes are multiples of this many bytes (WebGPU needs 4; 16 keeps vector loads aligned)."""
@@ -167,8 +172,10 @@ class BufferPlan:
         Checked: every root has a slot of the right kind and size; scratch roots sharing a slot
         have disjoint lifetimes; and the safety rule -- no computing node's output slot is a slot
         it reads (sources, sources of FUSED nodes, memory reached through views), other than
-        SET_ROWS/CPY writing their own destination; for a multi-output FUSED node, neither is the
-        slot of any of its ``FUSED_OUTPUT`` nodes (two FUSED_OUTPUT nodes of one output are refused).
+        SET_ROWS/CPY (or a FUSED node ending in one) writing their own destination
+        (:func:`destination`; their other sources must not live in that slot either); for a
+        multi-output FUSED node, neither is the slot of any of its ``FUSED_OUTPUT`` nodes (two
+        FUSED_OUTPUT nodes of one output are refused).
         """
         order = self.graph.nodes
         for t in order:
@@ -192,14 +199,17 @@ class BufferPlan:
             w = written_root(node)
             if w is None:
                 continue
+            dest = destination(node)
             for wr in [w, *(t.root for t in extra.get(node, {}).values())]:
                 ws = self.slot_of[wr]
-                for r in read_roots(node):
-                    if r is not w and self.slot_of[r] == ws:
+                for s in node.src:
+                    if s is None or (s is dest and wr is w):
+                        continue
+                    if self.slot_of[s.root] == ws:
                         what = "its output" if wr is w else f"its extra output {wr.name!r}"
                         raise BackendError(
                             f"buffer plan: node {node.name!r} ({node.op}) writes slot {ws}, which also holds "
-                            f"{r.name!r} that the node reads: {what} would overwrite its own input")
+                            f"{s.root.name!r} that the node reads: {what} would overwrite its own input")
         live = lifetimes(self.graph)  # recomputed: the plan's own record is not trusted
         by_slot: dict[int, list[Tensor]] = {}
         for r in live:
@@ -312,11 +322,27 @@ def fused_outputs(graph: Graph) -> dict[Tensor, dict[int, Tensor]]:
 
 def written_root(node: Tensor) -> Tensor | None:
     """The root whose memory executing ``node`` writes: the node itself for computing ops, the
-    destination's root for SET_ROWS/CPY, ``None`` for leaves, pure views and FUSED_OUTPUT (its
-    memory is written by its FUSED node, which also writes its own root)."""
+    destination's root for SET_ROWS/CPY and for FUSED nodes writing into a source (their result is a
+    view of it), ``None`` for leaves, pure views and FUSED_OUTPUT (its memory is written by its FUSED
+    node, which also writes its own root)."""
     if _executes_nothing(node):
         return None
     return node.root
+
+
+def destination(node: Tensor) -> Tensor | None:
+    """The source an in-place node writes into (SET_ROWS ``src[2]``, CPY ``src[1]``, a FUSED node's
+    ``src[fused_alias_input]``); ``None`` for nodes computing into memory of their own."""
+    if node.is_leaf or node.op in VIEW_OPS or not node.is_view:
+        return None
+    if node.op == "FUSED" and node.decomposition is not None:
+        i = fused_alias_input(node.decomposition)
+        return None if i is None else node.src[i]
+    slot = _DEST_SRC.get(node.op)
+    return None if slot is None else node.src[slot]
+
+
+_DEST_SRC = {"SET_ROWS": 2, "CPY": 1}  # ggml source order: the destination of the in-place ops
 
 
 def read_roots(node: Tensor) -> list[Tensor]:
@@ -435,5 +461,6 @@ def plan_buffers(graph: Graph, scratch: Mapping[Tensor, Sequence[tuple[str, int]
     return BufferPlan(graph, slots, slot_of, live, node_scratch)
 
 
-__all__ = ["INPLACE_OPS", "SLOT_ALIGN", "BufferPlan", "PlanStats", "Slot", "binding_root", "fused_outputs", "lifetimes",
+__all__ = ["INPLACE_OPS", "SLOT_ALIGN", "BufferPlan", "PlanStats", "Slot", "binding_root", "destination",
+           "fused_outputs", "lifetimes",
            "plan_buffers", "read_roots", "written_root"]

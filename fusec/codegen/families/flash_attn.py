@@ -18,6 +18,13 @@ A node is computed by a :class:`~fusec.codegen.kernel.KernelSequence` (:func:`em
 3. ``flash_attn_reduce`` (only with ``n_split > 1``): per (row, head, seq), ``M = max M_i``,
    ``out = sum_i e^(M_i - M) acc_i / sum_i e^(M_i - M) S_i`` (0 when the sum is 0).
 
+On CUDA the decode (``vec``) path is its own design (``templates/cuda/flash_attn.cu.j2``, see
+:func:`cuda_vec_layout` and docs/flash-attention.md): one query row per row group, a
+``flash_attn_block_list`` kernel after the pre-pass listing the blocks not skipped, an attention
+kernel of 4 warps per (split, GQA head group, row group x sequence) walking whole KV blocks with the q
+of all the group's heads in registers (coalesced K/V rows, reduce-scattered dots, per-warp online
+softmax), and its own reduction.
+
 :func:`emit_flash_attn` (the registered single-kernel form, what :func:`fusec.codegen.emit` returns)
 is the attention kernel without pre-pass or split, writing the result directly: correct on its own
 for backends that run one kernel per node.
@@ -30,6 +37,7 @@ ggml-cpu): :func:`fusec.interp.kernels.flash_attn_ext`; design notes: ``docs/fla
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from ...errors import CodegenError
@@ -45,7 +53,15 @@ HEAD_SIZES = (64, 80, 96, 128, 256)
 KV_BLOCK = {"wgsl": 64, "cuda": 32, "msl": 32}
 VEC_MAX_ROWS = 8
 REDUCE_THREADS = 64
-TARGET_WORKGROUPS = 128  # flash-decoding: split the KV range until about this many workgroups run
+TARGET_WORKGROUPS = 128  # flash-decoding (WGSL/MSL vec): split the KV range until about this many workgroups run
+# CUDA vec kernel (templates/cuda/flash_attn.cu.j2): CUDA_WARPS warps per block, each walking whole KV blocks of 32
+# positions; a block holds the q rows of CUDA_GQ_MAX (head, row) columns of one GQA group in registers.
+CUDA_WARPS = 4
+CUDA_GQ_MAX = 8
+CUDA_SMS = 132  # H200; the split heuristic aims at CUDA_BLOCKS_PER_SM blocks per SM
+CUDA_BLOCKS_PER_SM = 4
+CUDA_MIN_BPS, CUDA_MAX_BPS = 4, 16  # KV blocks per split: >= one per warp, <= four per warp
+CUDA_REDUCE_THREADS = 128
 TEMPLATES = {"wgsl": "wgsl/flash_attn.wgsl.j2", "cuda": "cuda/flash_attn.cu.j2", "msl": "msl/flash_attn.metal.j2"}
 Q_SHARED_BYTES = 8192  # q rows of a group kept in workgroup memory: QR * D * 4 <= this (tile variant)
 
@@ -163,6 +179,26 @@ class Plan:
     kb: int  # KV block = threads per workgroup
     n_split: int  # KV splits (workgroups along x); > 1 only for vec
     skip: bool  # pre-pass flags + masked-block skipping (needs a mask)
+    g: int = 1  # query heads per workgroup (one GQA group shares the K/V loads; CUDA vec only)
+    backend: str = ""
+
+    @property
+    def cuda_vec(self) -> bool:
+        """The CUDA decode kernel (warps over KV blocks, GQA heads in registers); else the shared skeleton."""
+        return self.backend == "cuda" and self.variant == "vec"
+
+    @property
+    def threads(self) -> int:
+        return 32 * CUDA_WARPS if self.cuda_vec else self.kb
+
+    @property
+    def block_list(self) -> bool:
+        """CUDA vec with skipping: a kernel after the pre-pass lists, per (head group, sequence, row
+        group), the KV blocks not skipped; the splits divide that list evenly (no idle splits)."""
+        return self.cuda_vec and self.skip
+
+    def n_lists(self, a: Attn) -> int:
+        return (a.n_head // self.g) * a.n_seq * ceil_div(a.n_q, self.qr)
 
     @property
     def split(self) -> bool:
@@ -176,21 +212,57 @@ def _pow2_at_least(n: int) -> int:
     return p
 
 
+def cuda_heads_per_block(a: Attn, qr: int) -> int:
+    """Query heads per CUDA vec block: the largest power of two ``G <= CUDA_GQ_MAX / qr`` dividing both
+    ``n_head / n_head_kv`` of K and of V, so that the ``G`` heads ``hg*G .. hg*G+G-1`` read one K head
+    and one V head."""
+    r = math.gcd(a.n_head // int(a.k.ne[2]), a.n_head // int(a.v.ne[2]))
+    g = 1
+    while g * 2 * qr <= CUDA_GQ_MAX and r % (g * 2) == 0:
+        g *= 2
+    return g
+
+
+def cuda_split(n_blocks: int, other_blocks: int) -> int:
+    """KV splits of the CUDA vec kernel: ``other_blocks`` (head groups x row groups x sequences) blocks
+    per split; about ``CUDA_SMS * CUDA_BLOCKS_PER_SM`` blocks in all, each walking between
+    ``CUDA_MIN_BPS`` and ``CUDA_MAX_BPS`` KV blocks (the upper bound keeps several blocks per SM busy
+    when masked blocks are skipped: 4 sequences in a unified cache leave 3/4 of the splits idle)."""
+    target = CUDA_SMS * CUDA_BLOCKS_PER_SM
+    bps = max(CUDA_MIN_BPS, min(CUDA_MAX_BPS, (n_blocks * other_blocks) // target))
+    return max(1, ceil_div(n_blocks, bps))
+
+
 def choose_plan(a: Attn, backend: str, *, kv_block: int | None = None, n_split: int | None = None,
-                skip: bool = True, variant: str | None = None) -> Plan:
+                skip: bool = True, variant: str | None = None, rows: int | None = None) -> Plan:
     """Variant, rows per workgroup, KV block and split count for ``a`` on ``backend``.
 
     ``vec`` when ``n_q <= 8`` (``QR`` = n_q rounded up to a power of two), else ``tile`` (``QR`` =
     16, or 8 for head size 256, so that q rows use <= 8 KiB of workgroup memory). ``n_split`` (vec
     only, default): enough splits for about :data:`TARGET_WORKGROUPS` workgroups, at least 2 KV
     blocks each. The keyword arguments override the choices (tests); ``skip`` is off without a mask.
+
+    CUDA ``vec``: KV block 32 (a warp's positions), ``QR`` = 1 query row per block (``rows`` overrides:
+    1/2/4/8; row groups are what the pre-pass flags are per, so 1 lets each query row, e.g. one token
+    of each of several sequences, skip the other rows' cells), ``g`` = :func:`cuda_heads_per_block`,
+    ``n_split`` = :func:`cuda_split`.
+
     Raises :class:`CodegenError` for a KV block that is not a power of two in 16..256 or smaller
-    than the row group.
+    than the row group (CUDA vec: other than 32), or bad ``rows``.
     """
-    kb = int(kv_block or KV_BLOCK[backend])
     if variant is None:
         variant = "vec" if a.n_q <= VEC_MAX_ROWS else "tile"
-    if variant == "vec":
+    cuda_vec = backend == "cuda" and variant == "vec"
+    kb = int(kv_block or KV_BLOCK[backend])
+    g = 1
+    if cuda_vec:
+        if kb != 32:
+            raise CodegenError(f"flash_attn: the CUDA vec kernel walks KV blocks of 32 positions, not {kb}")
+        qr = int(rows or 1)
+        if qr not in (1, 2, 4, 8):
+            raise CodegenError(f"flash_attn: CUDA vec rows per block must be 1, 2, 4 or 8, not {qr}")
+        g = cuda_heads_per_block(a, qr)
+    elif variant == "vec":
         qr = _pow2_at_least(min(a.n_q, VEC_MAX_ROWS))
     else:
         qr = 16 if a.D * 16 * 4 <= Q_SHARED_BYTES else 8
@@ -200,12 +272,14 @@ def choose_plan(a: Attn, backend: str, *, kv_block: int | None = None, n_split: 
     groups = ceil_div(a.n_q, qr) * a.n_head * a.n_seq
     if n_split is None:
         n_split = 1
-        if variant == "vec":
+        if cuda_vec:
+            n_split = cuda_split(n_blocks, ceil_div(a.n_q, qr) * (a.n_head // g) * a.n_seq)
+        elif variant == "vec":
             n_split = max(1, min(ceil_div(TARGET_WORKGROUPS, groups), n_blocks // 2))
     n_split = max(1, min(int(n_split), n_blocks))
     bps = ceil_div(n_blocks, n_split)
     n_split = ceil_div(n_blocks, bps)  # no empty split
-    return Plan(variant, qr, kb, n_split, bool(skip and a.mask is not None))
+    return Plan(variant, qr, kb, n_split, bool(skip and a.mask is not None), g, backend)
 
 
 def _check(node: Tensor, a: Attn) -> None:
@@ -273,12 +347,15 @@ def prepass_kernel(node: Tensor, a: Attn, pl: Plan, backend: str) -> Kernel:
     bindings = [Binding("mask", a.mask, a.mask.dtype), Binding("flags", None, I32, write=True, scratch="flags")]
     params = _common_params(a, pl) + _mask_params(a)
     entry = f"flash_attn_mask_flags_m{a.mask.dtype}_q{pl.qr}_b{pl.kb}"
+    # CUDA: one warp per KV block (__all_sync), CUDA_WARPS blocks per workgroup; else KB threads per block
+    threads = 32 * CUDA_WARPS if backend == "cuda" else pl.kb
+    per_wg = CUDA_WARPS if backend == "cuda" else 1
     src = _render(backend, kind="prepass", entry=entry, node_name=node.name, bindings=bindings,
-                  elem_types=_types(backend, bindings), params=params, threads=pl.kb, qr=pl.qr, kb=pl.kb,
-                  mask_f16=a.mask.dtype == F16)
+                  elem_types=_types(backend, bindings), params=params, threads=threads, qr=pl.qr, kb=pl.kb,
+                  mask_f16=a.mask.dtype == F16, nw=CUDA_WARPS)
     n_mb = int(a.mask.ne[2] * a.mask.ne[3])
-    grid = (ceil_div(a.n_kv, pl.kb), ceil_div(a.n_q, pl.qr), n_mb)
-    return Kernel(backend, "flash_attn", entry, src, bindings, params, (pl.kb, 1, 1), grid, node,
+    grid = (ceil_div(ceil_div(a.n_kv, pl.kb), per_wg), ceil_div(a.n_q, pl.qr), n_mb)
+    return Kernel(backend, "flash_attn", entry, src, bindings, params, (threads, 1, 1), grid, node,
                   {"role": "prepass"})
 
 
@@ -288,7 +365,9 @@ def main_kernel(node: Tensor, a: Attn, pl: Plan, backend: str) -> Kernel:
     bindings = [Binding("q", a.q, a.q.dtype), Binding("k", a.k, a.k.dtype), Binding("v", a.v, a.v.dtype)]
     if a.mask is not None:
         bindings.append(Binding("mask", a.mask, a.mask.dtype))
-    if pl.skip:
+    if pl.block_list:  # the list carries the flags of the listed blocks
+        bindings.append(Binding("blist", None, I32, scratch="blist"))
+    elif pl.skip:
         bindings.append(Binding("flags", None, I32, scratch="flags"))
     if pl.split:
         bindings.append(Binding("partials", None, F32, write=True, scratch="partials"))
@@ -308,38 +387,108 @@ def main_kernel(node: Tensor, a: Attn, pl: Plan, backend: str) -> Kernel:
                ("qk_scale", "f32", a.qk_scale), ("softcap", "f32", a.softcap)]
     params += alibi_params(a.n_head, a.max_bias)
     nd = ceil_div(a.Dv, pl.kb)
-    entry = (f"flash_attn_{pl.variant}_{_tag(a, pl)}{'_skip' if pl.skip else ''}{'_split' if pl.split else ''}")
+    cv = cuda_vec_layout(a, pl) if pl.cuda_vec else {}
+    vec_tag = "".join(f"_{k}{cv[k]}" for k in ("g", "lk")) + ("_kv" if cv.get("kvec") else "") + \
+        ("_vv" if cv.get("vvec") else "") if pl.cuda_vec else ""
+    entry = (f"flash_attn_{pl.variant}_{_tag(a, pl)}{vec_tag}{'_skip' if pl.skip else ''}"
+             f"{'_split' if pl.split else ''}")
     src = _render(backend, kind="main", entry=entry, node_name=node.name, bindings=bindings,
-                  elem_types=_types(backend, bindings), params=params, threads=pl.kb, qr=pl.qr, kb=pl.kb,
+                  elem_types=_types(backend, bindings), params=params, threads=pl.threads, qr=pl.qr, kb=pl.kb,
                   d=a.D, dv=a.Dv, nd=nd, has_mask=a.mask is not None, use_flags=pl.skip, split=pl.split,
-                  variant=pl.variant)
-    grid = (pl.n_split, ceil_div(a.n_q, pl.qr), a.n_head * a.n_seq)
-    return Kernel(backend, "flash_attn", entry, src, bindings, params, (pl.kb, 1, 1), grid, node,
-                  {"role": "attention", "variant": pl.variant, "n_split": pl.n_split, "skip": pl.skip})
+                  variant=pl.variant, **cv)
+    if pl.cuda_vec:
+        grid = (pl.n_split, a.n_head // pl.g, ceil_div(a.n_q, pl.qr) * a.n_seq)
+    else:
+        grid = (pl.n_split, ceil_div(a.n_q, pl.qr), a.n_head * a.n_seq)
+    return Kernel(backend, "flash_attn", entry, src, bindings, params, (pl.threads, 1, 1), grid, node,
+                  {"role": "attention", "variant": pl.variant, "n_split": pl.n_split, "skip": pl.skip,
+                   "heads_per_block": pl.g, "rows_per_block": pl.qr})
+
+
+def _pow2_log(n: int) -> int:
+    return n.bit_length() - 1
+
+
+def cuda_vec_layout(a: Attn, pl: Plan) -> dict:
+    """Compile-time lane layout of the CUDA vec kernel (see templates/cuda/flash_attn.cu.j2).
+
+    K phase: ``lk`` lanes share a K row (each lane a float4 chunk every ``lk`` chunks: ``nc`` chunks), so
+    a warp reads ``32/lk`` rows per step; ``lk`` is the smallest of 8/16/32 (<= D/4) keeping the q
+    registers ``GQ * nc * 4 <= 64``. The ``GQ = g*qr`` partial dots are reduce-scattered over the ``lk``
+    lanes (``rs``: (xor offset, live values) halving steps, then the ``bf`` xor offsets of a butterfly), so
+    lane ``lg`` of a row group ends with column ``lg / (lk/GQ)``'s dot. V phase: ``lv`` lanes per V row
+    (32 when Dv/4 >= 32, else 16), each owning ``ncv`` float4 output chunks. ``kvec`` / ``vvec``: rows
+    contiguous and every offset / stride a multiple of 4 elements (8/16-byte vector loads), else scalar
+    loads with strides."""
+    gq = pl.g * pl.qr
+    d4, dv4 = a.D // 4, a.Dv // 4
+    lk = 8
+    while lk < 32 and lk * 2 <= d4 and gq * ceil_div(d4, lk) * 4 > 64:
+        lk *= 2
+    assert gq <= lk, (gq, lk)
+    rs, o, n = [], lk // 2, gq
+    while n > 1:
+        rs.append((o, n))
+        o, n = o // 2, n // 2
+    bf = []
+    while o >= 1:
+        bf.append(o)
+        o //= 2
+    lv = 32 if dv4 >= 32 else 16
+    knb = elem_strides(a.k)
+    v_sd, v_sj, v_s2, v_s3 = _vdims(a)
+    kvec = knb[0] == 1 and all(x % 4 == 0 for x in (elem_offset(a.k), knb[1], knb[2], knb[3]))
+    vvec = v_sd == 1 and all(x % 4 == 0 for x in (elem_offset(a.v), v_sj, v_s2, v_s3))
+    return {"g": pl.g, "gq": gq, "lk": lk, "nc": ceil_div(d4, lk), "rs": rs, "bf": bf, "lv": lv,
+            "ncv": ceil_div(dv4, lv), "kvec": kvec, "vvec": vvec, "nw": CUDA_WARPS,
+            "k_f16": a.k.dtype == F16, "v_f16": a.v.dtype == F16,
+            "mask_f16": a.mask is not None and a.mask.dtype == F16}
+
+
+BLOCK_LIST_MAX_THREADS = 1024
+
+
+def block_list_kernel(node: Tensor, a: Attn, pl: Plan, backend: str) -> Kernel:
+    """CUDA vec with skipping: one workgroup per list ``L = (s * n_groups + grp) * (n_head / G) + hg``
+    writes, at ``blist[L * 2 * (n_blocks + 1)]``, ``count, 0`` and then, in ascending block order, the
+    pairs ``(b, sum_i flag_i << 2i)`` of the KV blocks b that some column of the attention block (G heads
+    x QR rows) does not skip (pre-pass flag != 0; ``flag_i`` of head ``hg*G + i``). Threads: n_blocks
+    rounded up to a power of two in 128..1024 (one pass over the flags up to 1024 blocks)."""
+    bindings = [Binding("flags", None, I32, scratch="flags"), Binding("blist", None, I32, write=True, scratch="blist")]
+    params = _common_params(a, pl)
+    threads = min(BLOCK_LIST_MAX_THREADS, max(128, _pow2_at_least(ceil_div(a.n_kv, pl.kb))))
+    entry = f"flash_attn_block_list_g{pl.g}_t{threads}"
+    src = _render(backend, kind="blocklist", entry=entry, node_name=node.name, bindings=bindings,
+                  elem_types=_types(backend, bindings), params=params, threads=threads, g=pl.g)
+    return Kernel(backend, "flash_attn", entry, src, bindings, params, (threads, 1, 1),
+                  (pl.n_lists(a), 1, 1), node, {"role": "blocklist"})
 
 
 def reduce_kernel(node: Tensor, a: Attn, pl: Plan, backend: str) -> Kernel:
     """Combine the split partials: one workgroup of :data:`REDUCE_THREADS` per (row, head, seq)."""
     bindings = [Binding("partials", None, F32, scratch="partials"), Binding("dst", node, F32, write=True)]
     params = _common_params(a, pl) + [("dst_offs", "u32", elem_offset(node))]
-    entry = f"flash_attn_reduce_dv{a.Dv}"
+    entry = f"flash_attn_reduce_dv{a.Dv}{'_cv' if pl.cuda_vec else ''}"
+    threads = CUDA_REDUCE_THREADS if pl.cuda_vec else REDUCE_THREADS
     src = _render(backend, kind="reduce", entry=entry, node_name=node.name, bindings=bindings,
-                  elem_types=_types(backend, bindings), params=params, threads=REDUCE_THREADS, dv=a.Dv)
-    return Kernel(backend, "flash_attn", entry, src, bindings, params, (REDUCE_THREADS, 1, 1),
+                  elem_types=_types(backend, bindings), params=params, threads=threads, dv=a.Dv,
+                  variant=pl.variant, nw=threads // 32)
+    return Kernel(backend, "flash_attn", entry, src, bindings, params, (threads, 1, 1),
                   row_grid(a.n_q * a.n_head * a.n_seq), node, {"role": "reduce"})
 
 
 def emit_flash_attn_seq(node: Tensor, backend: str, *, kv_block: int | None = None, n_split: int | None = None,
-                        skip: bool = True, variant: str | None = None) -> KernelSequence:
+                        skip: bool = True, variant: str | None = None, rows: int | None = None) -> KernelSequence:
     """The kernel sequence of ``node`` (see the module docstring); keyword arguments as
     :func:`choose_plan`. Scratch: ``flags`` (i32, n_blocks * n_groups * m2 * m3) with skipping,
-    ``partials`` (f32, n_q * n_head * n_seq * n_split * (Dv + 2)) with a split.
+    ``blist`` (i32, lists * 2 * (n_blocks + 1)) with skipping on the CUDA vec kernel, ``partials`` (f32,
+    n_q * n_head * n_seq * n_split * (Dv + 2)) with a split.
 
     Raises :class:`CodegenError` for an unsupported head size or dtype, a non-attention node, or a
     FUSED node whose decomposition is not the attention chain."""
     a = attn_operands(node)
     _check(node, a)
-    pl = choose_plan(a, backend, kv_block=kv_block, n_split=n_split, skip=skip, variant=variant)
+    pl = choose_plan(a, backend, kv_block=kv_block, n_split=n_split, skip=skip, variant=variant, rows=rows)
     kernels: list[Kernel] = []
     scratch: list[Scratch] = []
     if pl.skip:
@@ -347,6 +496,9 @@ def emit_flash_attn_seq(node: Tensor, backend: str, *, kv_block: int | None = No
         n = ceil_div(a.n_kv, pl.kb) * ceil_div(a.n_q, pl.qr) * int(a.mask.ne[2] * a.mask.ne[3])
         scratch.append(Scratch("flags", 4 * n))
         kernels.append(prepass_kernel(node, a, pl, backend))
+    if pl.block_list:
+        scratch.append(Scratch("blist", 4 * pl.n_lists(a) * 2 * (ceil_div(a.n_kv, pl.kb) + 1)))
+        kernels.append(block_list_kernel(node, a, pl, backend))
     kernels.append(main_kernel(node, a, pl, backend))
     if pl.split:
         scratch.append(Scratch("partials", 4 * a.n_q * a.n_head * a.n_seq * pl.n_split * (a.Dv + 2)))
