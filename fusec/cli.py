@@ -58,6 +58,10 @@ def _load_graph(args):
     cfg = load_config(args.model)
     if args.layers:
         cfg = cfg.with_layers(args.layers)
+    if args.vocab:
+        cfg = cfg.with_vocab(args.vocab)
+    if args.experts:
+        cfg = cfg.with_experts(args.experts)
     n_kv = min(args.n_ctx, args.n_kv)
     return build_llama_decode(cfg, args.n_tokens, n_kv, args.n_ctx), cfg.name
 
@@ -238,14 +242,18 @@ def cmd_run(args) -> int:
     t0 = time.perf_counter()
     tokenizer = None
     if is_checkpoint_path(args.model):  # a GGUF file or an HF directory: every tensor is validated here
-        if args.layers:
-            raise UsageError("--layers applies to random-weight configs only, not to a checkpoint")
+        if args.layers or args.vocab or args.experts:
+            raise UsageError("--layers / --vocab / --experts apply to random-weight configs only, not to a checkpoint")
         cfg, weights, tokenizer = load_model(args.model, weight_dtype=args.weight_dtype)
         source = f"weights from {args.model} ({args.weight_dtype})"
     else:
         cfg = load_config(args.model)
         if args.layers:
             cfg = cfg.with_layers(args.layers)
+        if args.vocab:
+            cfg = cfg.with_vocab(args.vocab)
+        if args.experts:
+            cfg = cfg.with_experts(args.experts)
         weights = random_weights(cfg, seed=args.seed, weight_dtype=args.weight_dtype)
         source = f"random weights (seed {args.seed}, {args.weight_dtype})"
     if args.prompt is not None:
@@ -466,10 +474,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     def graph_args(p):
         src = p.add_mutually_exclusive_group(required=True)
-        src.add_argument("--model", help="shipped model name (llama-3.2-1b, smollm2-135m) or a config.json path")
+        src.add_argument("--model", help="shipped model name (llama-3.2-1b, smollm2-135m, qwen2.5-0.5b, "
+                                         "gemma-2-2b, ...) or a config.json path")
         src.add_argument("--graph", help="a fusec JSON graph")
         p.add_argument("--patterns", nargs="+", help="pattern files or folders (default: the shipped patterns/)")
         p.add_argument("--layers", type=int, default=0, help="keep only the first N layers (models)")
+        p.add_argument("--vocab", type=int, default=0, help="keep only the first N token ids (models)")
+        p.add_argument("--experts", type=int, default=0, help="keep only the first N experts (MoE models)")
         p.add_argument("--n-tokens", type=int, default=1, help="tokens per step of the model graph (default 1)")
         p.add_argument("--n-ctx", type=int, default=4096, help="KV cache cells (default 4096)")
         p.add_argument("--n-kv", type=int, default=256, help="visible KV cells of the graph (default 256)")
@@ -490,7 +501,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tol", type=float, default=1e-6, help="max normalized MSE of the logits for --verify")
     p.add_argument("--patterns", nargs="+")
     p.add_argument("--no-fuse", action="store_true")
-    p.add_argument("--layers", type=int, default=0)
+    p.add_argument("--layers", type=int, default=0, help="keep only the first N layers (random-weight configs)")
+    p.add_argument("--vocab", type=int, default=0,
+                   help="keep only the first N token ids (random-weight configs; fits big vocabularies "
+                        "under a device's buffer-binding limit, e.g. lavapipe's 128 MiB)")
+    p.add_argument("--experts", type=int, default=0,
+                   help="keep only the first N experts of a MoE random-weight config (same reason)")
     p.add_argument("--n-ctx", type=int, default=256)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--weight-dtype", default="f32", choices=["f32", "f16"])

@@ -325,11 +325,14 @@ def test_shipped_patterns_load():
                          "attention_flash_softcap_nomask", "silu_mul", "gelu_mul", "sigmoid_mul", "softcap",
                          "add_rms_norm", "add_rms_norm_mul", "add_rms_norm_mul_add",
                          *(f"add_chain_{n}" for n in range(3, 9)), "rope_set_rows", "rope_reshape_set_rows",
-                         "rms_norm_mul_rope", "rms_norm_mul_rope_set_rows", "rms_norm_mul_rope_reshape_set_rows"}
-    assert {n for n, p in pats.items() if p.outputs} == {"add_rms_norm", "add_rms_norm_mul", "add_rms_norm_mul_add"}
+                         "rms_norm_mul_rope", "rms_norm_mul_rope_set_rows", "rms_norm_mul_rope_reshape_set_rows",
+                         "moe_router", "moe_router_norm", "moe_up_gate_swiglu", "moe_up_gate_geglu"}
+    assert {n for n, p in pats.items() if p.outputs} == {"add_rms_norm", "add_rms_norm_mul", "add_rms_norm_mul_add",
+                                                          "moe_router", "moe_router_norm"}
     assert pats["add_rms_norm_mul"].outputs == ["s"] and pats["add_rms_norm_mul"].benefit == 2
+    assert pats["moe_router_norm"].outputs == ["t"]
     assert {p.kernel for p in pats.values()} == {"norm_epilogue", "gemv_epilogue", "flash_attn", "elementwise_dag",
-                                                "rope"}
+                                                "rope", "moe_router", "mul_mat_id"}
     assert pats["ffn_up_gate_swiglu"].ops == ["MUL_MAT", "MUL_MAT", "SWIGLU"]
     assert (pats["rms_norm_mul"].fused_op, pats["rms_norm_mul_add"].fused_op, pats["norm_mul_add"].fused_op) == (
         "RMS_NORM_MUL", "RMS_NORM_MUL_ADD", "NORM_MUL_ADD")

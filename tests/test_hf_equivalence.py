@@ -1,4 +1,5 @@
-"""fusec vs transformers on tiny random Llama, Qwen2 and Mistral checkpoints, from HF and GGUF files.
+"""fusec vs transformers on tiny random Llama, Qwen2 and Mistral checkpoints, from HF and GGUF files, and on
+Gemma-2, Qwen3 and Qwen3-MoE checkpoints from HF files (their GGUF conversions: same weights and config).
 
 Each model is built with transformers from its real config class (2 layers, hidden 64, 4 heads,
 2 KV heads, FFN 128, vocab 288), given O(1)-scale random weights, saved with ``save_pretrained``
@@ -322,3 +323,172 @@ def test_prompt_without_vocabulary_asks_for_ids(checkpoints, capsys):
     assert len(err.splitlines()) == 1 and "--prompt-ids" in err
     assert main(["run", "--model", str(gguf_path), "--prompt-ids", "1,2,3", "--tokens", "2",
                  "--backend", "numpy"]) == 0
+
+
+# -- Gemma-2, Qwen3, Qwen3-MoE (HF checkpoints; their GGUF conversions below) -------------------------------
+
+# Gemma-2: head_dim 64 (not hidden/heads) so the softcap attention pattern applies; query_pre_attn_scalar
+# 48 != head_dim so the Q scale is checked; sliding_window 4 < prompt + decode length on the even layers of
+# 3; softcaps 5 and 3 are small enough to bend the logits. Qwen3: explicit head_dim 64 (!= 64/4; the flash
+# kernels take D in {64, 80, 96, 128, 256}), q/k norms.
+# Measured max relative error (numpy and lavapipe, fused and unfused, flash attention on and off):
+# gemma2 1.3e-6, qwen3 1.1e-6, qwen3moe 1.2e-6.
+HF_ONLY = {
+    "gemma2": ("Gemma2Config", "Gemma2ForCausalLM",
+               dict(num_hidden_layers=3, head_dim=64, query_pre_attn_scalar=48, sliding_window=4,
+                    attn_logit_softcapping=5.0, final_logit_softcapping=3.0, pad_token_id=0)),
+    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", dict(head_dim=64, tie_word_embeddings=False)),
+    # top-2 of 8 experts, renormalized; transformers >= 5 keeps the experts as 3-D parameters and saves them
+    # per expert (mlp.experts.{e}.*_proj.weight), which the loader stacks as llama.cpp's converter does
+    "qwen3moe": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM",
+                 dict(head_dim=64, num_experts=8, num_experts_per_tok=2, moe_intermediate_size=32,
+                      norm_topk_prob=True, tie_word_embeddings=False)),
+}
+
+
+@pytest.fixture(scope="module")
+def hf_only_checkpoints(tmp_path_factory):
+    """{arch: (hf_dir, (tokens fed, logits per step))} for Gemma-2, Qwen3 and Qwen3-MoE."""
+    out = {}
+    for arch, (cfg_cls, model_cls, extra) in HF_ONLY.items():
+        cfg = getattr(transformers, cfg_cls)(**{**SIZES, **extra}, rope_theta=5000.0, bos_token_id=1,
+                                             eos_token_id=2)
+        cfg._attn_implementation = "eager"
+        torch.manual_seed(0)
+        model = getattr(transformers, model_cls)(cfg).float().eval()
+        g = torch.Generator().manual_seed(0)
+        with torch.no_grad():  # Gemma's norms compute x*(1 + w): N(0, 0.1) keeps them near 1 like the others
+            for name, p in model.named_parameters():
+                if name.endswith("norm.weight"):
+                    p.copy_((0.0 if arch == "gemma2" else 1.0) + 0.1 * torch.randn(p.shape, generator=g))
+                elif p.ndim >= 2:  # matrices and 3-D expert stacks: fan_in is the last axis
+                    p.copy_(torch.randn(p.shape, generator=g) / p.shape[-1] ** 0.5)
+                else:
+                    p.copy_(0.1 * torch.randn(p.shape, generator=g))
+        d = tmp_path_factory.mktemp(arch) / "hf"
+        model.save_pretrained(d, safe_serialization=True)
+        out[arch] = (d, hf_reference(model))
+    return out
+
+
+@pytest.mark.parametrize("flash_attn", [False, True], ids=["mha", "flash"])
+@pytest.mark.parametrize("fuse", [True, False], ids=["fused", "unfused"])
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("arch", list(HF_ONLY))
+def test_hf_only_logits_match_transformers(hf_only_checkpoints, arch, backend, fuse, flash_attn):
+    if backend == "wgpu" and not wgpu_runtime.available():
+        pytest.skip("no wgpu adapter")
+    hf_dir, (seq, ref) = hf_only_checkpoints[arch]
+    cfg, w, _ = load_model(hf_dir)
+    assert cfg.arch == arch and cfg.rope_mode == 2 and cfg.qk_norm == arch.startswith("qwen3")
+    assert cfg.iswa == (arch == "gemma2") and cfg.is_moe == (arch == "qwen3moe")
+    sess = DecodeSession(cfg, get_backend(backend), w, kv_size=32, flash_attn=flash_attn,
+                         patterns=default_patterns() if fuse else None)
+    check_steps(run_steps(sess, seq), seq, ref, REL_TOL_F32)
+    if fuse and arch == "gemma2" and not flash_attn:
+        assert sess.last_report.patterns["attention_flash_softcap"].matches == 3
+    if arch == "qwen3moe":
+        np.testing.assert_array_equal(  # expert 5's up projection, stacked at index 5 (ne = [in, out, E])
+            w["blk.1.ffn_up_exps.weight"].reshape(8, 32, 64)[5],
+            hf_tensor(hf_dir, "model.layers.1.mlp.experts.5.up_proj.weight"))
+
+
+def hf_tensor(d, name):
+    from safetensors.numpy import load_file
+
+    return load_file(str(d / "model.safetensors"))[name]
+
+
+def write_gguf_hf_only(path, hf_dir, model, arch):
+    """A llama.cpp GGUF of a Gemma-2 / Qwen3 / Qwen3-MoE checkpoint, from its safetensors file: names and metadata as
+    ``convert_hf_to_gguf.py`` (Gemma2Model: every norm weight + 1; Qwen3MoeModel: experts stacked to
+    [n_expert, out, in] numpy / ne [in, out, n_expert]), written here independently of fusec's loader."""
+    from safetensors.numpy import load_file
+
+    cfg = model.config
+    sd = {k: v.astype(np.float32) for k, v in load_file(str(hf_dir / "model.safetensors")).items()}
+    w = gguf.GGUFWriter(str(path), arch)
+    w.add_block_count(cfg.num_hidden_layers)
+    w.add_context_length(cfg.max_position_embeddings)
+    w.add_embedding_length(cfg.hidden_size)
+    w.add_feed_forward_length(cfg.intermediate_size)
+    w.add_head_count(cfg.num_attention_heads)
+    w.add_head_count_kv(cfg.num_key_value_heads)
+    w.add_key_length(cfg.head_dim)
+    w.add_value_length(cfg.head_dim)
+    w.add_rope_dimension_count(cfg.head_dim)
+    w.add_rope_freq_base(5000.0)
+    w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    w.add_vocab_size(cfg.vocab_size)
+    if arch == "gemma2":
+        w.add_sliding_window(cfg.sliding_window)
+        w.add_attn_logit_softcapping(cfg.attn_logit_softcapping)
+        w.add_final_logit_softcapping(cfg.final_logit_softcapping)
+    if arch == "qwen3moe":
+        w.add_expert_count(cfg.num_experts)
+        w.add_expert_used_count(cfg.num_experts_per_tok)
+        w.add_expert_feed_forward_length(cfg.moe_intermediate_size)
+    one = np.float32(1.0) if arch == "gemma2" else np.float32(0.0)
+    t = {"token_embd.weight": sd["model.embed_tokens.weight"], "output_norm.weight": sd["model.norm.weight"] + one}
+    if not cfg.tie_word_embeddings:
+        t["output.weight"] = sd["lm_head.weight"]
+    for il in range(cfg.num_hidden_layers):
+        h, p = f"model.layers.{il}.", f"blk.{il}."
+        t.update({p + "attn_norm.weight": sd[h + "input_layernorm.weight"] + one,
+                  p + "attn_q.weight": sd[h + "self_attn.q_proj.weight"],
+                  p + "attn_k.weight": sd[h + "self_attn.k_proj.weight"],
+                  p + "attn_v.weight": sd[h + "self_attn.v_proj.weight"],
+                  p + "attn_output.weight": sd[h + "self_attn.o_proj.weight"]})
+        if arch == "gemma2":
+            t.update({p + "post_attention_norm.weight": sd[h + "post_attention_layernorm.weight"] + one,
+                      p + "ffn_norm.weight": sd[h + "pre_feedforward_layernorm.weight"] + one,
+                      p + "post_ffw_norm.weight": sd[h + "post_feedforward_layernorm.weight"] + one})
+        else:
+            t.update({p + "ffn_norm.weight": sd[h + "post_attention_layernorm.weight"],
+                      p + "attn_q_norm.weight": sd[h + "self_attn.q_norm.weight"],
+                      p + "attn_k_norm.weight": sd[h + "self_attn.k_norm.weight"]})
+        if arch == "qwen3moe":
+            t[p + "ffn_gate_inp.weight"] = sd[h + "mlp.gate.weight"]
+            for kind in ("gate", "up", "down"):
+                t[p + f"ffn_{kind}_exps.weight"] = np.stack(
+                    [sd[h + f"mlp.experts.{e}.{kind}_proj.weight"] for e in range(cfg.num_experts)])
+        else:
+            for kind in ("gate", "up", "down"):
+                t[p + f"ffn_{kind}.weight"] = sd[h + f"mlp.{kind}_proj.weight"]
+    for name, arr in t.items():
+        w.add_tensor(name, np.ascontiguousarray(arr))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+@pytest.mark.parametrize("arch", list(HF_ONLY))
+def test_hf_only_gguf_gives_the_hf_weights_and_logits(hf_only_checkpoints, tmp_path, arch):
+    """The GGUF conversion loads to the same weights and config as the HF directory -- except Gemma-2's Q
+    scale, which llama.cpp derives from the model size (1/sqrt(head_dim) below 27B), not from
+    query_pre_attn_scalar (48 in this tiny model; equal to head_dim in the real 2B and 9B)."""
+    import dataclasses
+
+    hf_dir, (seq, ref) = hf_only_checkpoints[arch]
+    model_cfg = json.loads((hf_dir / "config.json").read_text())
+    path = tmp_path / f"{arch}.gguf"
+
+    class _M:  # the writer reads the transformers config attributes
+        config = getattr(transformers, HF_ONLY[arch][0]).from_dict(model_cfg)
+
+    write_gguf_hf_only(path, hf_dir, _M, arch)
+    cfg_hf, w_hf, _ = load_model(hf_dir)
+    cfg_gg, w_gg, _ = load_model(path)
+    assert w_hf.keys() == w_gg.keys()
+    for name in w_hf:
+        np.testing.assert_array_equal(w_hf[name], w_gg[name], err_msg=name)
+    if arch == "gemma2":
+        assert (cfg_hf.query_pre_attn_scalar, cfg_gg.query_pre_attn_scalar) == (48.0, 64.0)
+        cfg_gg = dataclasses.replace(cfg_gg, query_pre_attn_scalar=48.0)
+    assert cfg_gg.rms_norm_eps == pytest.approx(cfg_hf.rms_norm_eps, rel=1e-6)  # stored as f32 in the GGUF
+    same = dict(name="x", max_position_embeddings=0, rms_norm_eps=0.0)
+    assert dataclasses.replace(cfg_gg, **same) == dataclasses.replace(cfg_hf, **same)
+    if arch != "gemma2":
+        sess = DecodeSession(cfg_gg, "numpy", w_gg, kv_size=32, patterns=default_patterns())
+        check_steps(run_steps(sess, seq), seq, ref, REL_TOL_F32)

@@ -79,9 +79,9 @@ def test_unknown_config_name_lists_shipped_names():
 
 
 def test_unsupported_model_type_is_a_user_error():
-    assert "gemma-2-2b" in shipped_configs()
-    with pytest.raises(ConfigError, match="unsupported model_type='gemma2'"):
-        load_config("gemma-2-2b")
+    assert {"gemma-2-2b", "qwen3-30b-a3b"} <= set(shipped_configs())
+    with pytest.raises(ConfigError, match="unsupported model_type='gemma3'"):
+        config_from_dict(dict(TINY, model_type="gemma3", architectures=["Gemma3ForCausalLM"]))
 
 
 def test_unsupported_rope_scaling_is_a_user_error():

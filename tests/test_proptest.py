@@ -99,10 +99,11 @@ class RowKernelBackend(Backend):
 
 
 # The generator cannot build the attention patterns' inputs yet (PERMUTE/VIEW leaves, head sizes from
-# `ne(v, i) in [...]`) nor the rope patterns' (ROPE's n_dims/positions, VIEW ne/nb params, SET_ROWS
-# destinations): they are covered by tests/test_flash_attn.py and tests/test_rope_fusion.py, and the
-# limitation is pinned below.
-UNGENERATABLE = ("patterns/attention.fuse", "patterns/rope.fuse")
+# `ne(v, i) in [...]`), the rope patterns' (ROPE's n_dims/positions, VIEW ne/nb params, SET_ROWS
+# destinations) nor the MoE patterns' (the router's VIEW/RESHAPEs, in-range expert ids): they are covered
+# by tests/test_flash_attn.py, tests/test_rope_fusion.py and tests/test_moe_router.py, and the limitation
+# is pinned below.
+UNGENERATABLE = ("patterns/attention.fuse", "patterns/rope.fuse", "patterns/moe.fuse")
 
 
 def generatable_patterns():
@@ -111,7 +112,7 @@ def generatable_patterns():
 
 @pytest.mark.parametrize("file", UNGENERATABLE)
 def test_ungeneratable_patterns_are_reported_as_not_generatable(file):
-    """Pins the documented limitation: `fusec test patterns/attention.fuse` (or rope.fuse) fails loudly
+    """Pins the documented limitation: `fusec test patterns/attention.fuse` (rope.fuse, moe.fuse) fails loudly
     ("no example could be generated") instead of passing vacuously."""
     con, buf = _console()
     att = [p for p in default_patterns() if p.file == file]

@@ -125,8 +125,24 @@ def uniform_buffer(data: bytes):
 
 
 def bind_group(k: Kernel, buffers: list, params_buf):
-    """Bind group 0: the storage buffers in ``k.bindings`` order, then the parameter uniform."""
-    entries = [{"binding": i, "resource": {"buffer": b, "offset": 0, "size": b.size}} for i, b in enumerate(buffers)]
+    """Bind group 0: the storage buffers in ``k.bindings`` order (a binding with a ``window`` binds
+    that byte range of its buffer), then the parameter uniform.
+
+    Raises :class:`BackendError` naming the kernel, its node and the tensor when a binding exceeds
+    the device's ``max-storage-buffer-binding-size`` (lavapipe: 128 MiB) or a window leaves its
+    buffer."""
+    limit = device().limits.get("max-storage-buffer-binding-size", 1 << 27)
+    entries = []
+    for i, (bnd, b) in enumerate(zip(k.bindings, buffers, strict=True)):
+        off, size = bnd.window if bnd.window is not None else (0, b.size)
+        what = (f"kernel {k.entry} (node {k.node.name if k.node is not None else '?'!r}): binding {bnd.name!r} "
+                f"({bnd.tensor.name if bnd.tensor is not None else bnd.scratch!r})")
+        if off + size > b.size:
+            raise BackendError(f"{what}: window {off}+{size} leaves its buffer of {b.size} bytes")
+        if size > limit:
+            raise BackendError(f"{what}: {size} bytes exceed this device's storage-buffer binding limit of "
+                               f"{limit} bytes (max-storage-buffer-binding-size)")
+        entries.append({"binding": i, "resource": {"buffer": b, "offset": off, "size": size}})
     entries.append({"binding": len(buffers), "resource": {"buffer": params_buf, "offset": 0,
                                                           "size": params_buf.size}})
     return device().create_bind_group(layout=pipeline(k).get_bind_group_layout(0), entries=entries)

@@ -29,6 +29,10 @@ class Binding:
         write: the kernel writes this buffer.
         scratch: for a kernel of a :class:`KernelSequence`, the name of the node's scratch buffer
             bound here (``tensor`` is then ``None``); ``None`` for a tensor binding.
+        window: ``(byte offset, byte size)`` of the root's buffer bound here (WGSL buffer-binding
+            ranges, for a tensor larger than the device's per-binding limit, bound as several
+            windows; the offset a multiple of 256 bytes); ``None`` binds the whole buffer. Only the
+            wgpu backend honours windows; families emit them for WGSL only.
     """
 
     name: str
@@ -36,6 +40,7 @@ class Binding:
     dtype: DType
     write: bool = False
     scratch: str | None = None
+    window: tuple[int, int] | None = None
 
 
 @dataclass

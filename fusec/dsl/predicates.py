@@ -7,6 +7,7 @@ call                   value                                                    
 =====================  ==========================================================  ===================
 ``dtype(v)``           element type (``f32``/``f16``/``i32``)                      ``tensor->type``
 ``ne(v, i)``           ``ne[i]`` (int, ``0 <= i < 4``, innermost first)            ``tensor->ne[i]``
+``nb(v, i)``           ``nb[i]``, byte stride (int, ``0 <= i < 4``)                ``tensor->nb[i]``
 ``shape(v)``           ``[ne0, ne1, ne2, ne3]``                                    ``tensor->ne``
 ``nrows(v)``           ``ne1*ne2*ne3``                                             ``ggml_nrows``
 ``nelements(v)``       ``ne0*ne1*ne2*ne3``                                         ``ggml_nelements``
@@ -71,9 +72,16 @@ def _ne(ctx: EvalContext, t: Tensor, i: Any) -> int:
     return t.ne[i]
 
 
+def _nb(ctx: EvalContext, t: Tensor, i: Any) -> int:
+    if not isinstance(i, int) or not 0 <= i < 4:
+        raise ValueError(f"nb(v, i) needs an integer axis 0..3, got {i!r}")
+    return t.nb[i]
+
+
 BUILTINS: dict[str, Builtin] = {b.name: b for b in [
     Builtin("dtype", "t", lambda ctx, t: t.dtype, "element type"),
     Builtin("ne", "tv", _ne, "ne[i], innermost first"),
+    Builtin("nb", "tv", _nb, "nb[i], byte stride"),
     Builtin("shape", "t", lambda ctx, t: list(t.ne), "the 4 ne values"),
     Builtin("nrows", "t", lambda ctx, t: nrows(t.ne), "ggml_nrows"),
     Builtin("nelements", "t", lambda ctx, t: nelements(t.ne), "ggml_nelements"),

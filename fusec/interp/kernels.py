@@ -264,6 +264,49 @@ def flash_attn_ext(node: Tensor, srcs: Srcs) -> Arr:
     return np.ascontiguousarray(np.swapaxes(out, 1, 2)).astype(F32)
 
 
+def mul_mat_id(node: Tensor, srcs: Srcs) -> Arr:
+    """Expert matmul (ggml_compute_forward_mul_mat_id): ``as`` ``ne = [K, M, n_as, 1]`` (f32 or f16,
+    widened), ``b`` f32 ``ne = [K, B1, T, 1]``, ``ids`` i32 ``ne = [E, T, 1, 1]`` -> f32 ``ne = [M, E,
+    T, 1]`` with ``dst[t][e][m] = sum_k as[ids[t][e]][m][k] * b[t][e % B1][k]``, accumulated in
+    float32 (numpy ``matmul``, as :func:`mul_mat`). Like ggml-cpu, the (slot, token) pairs are
+    grouped by expert: each used expert's matrix is widened and multiplied once, so memory stays
+    O(size of one expert) however many tokens there are.
+
+    Raises :class:`InterpError` for an expert id outside ``[0, n_as)`` (ggml-cpu asserts)."""
+    a, b = np.asarray(srcs[0])[0], f32(srcs[1])[0]  # [n_as, M, K], [T, B1, K]
+    ids = np.asarray(srcs[2])[0, 0].astype(np.int64)  # [T, E]
+    _check_rows(node, ids, a.shape[0])
+    n_tok, n_used = ids.shape
+    x = b[:, np.arange(n_used) % b.shape[1], :]  # [T, E, K]
+    out = np.zeros((n_tok, n_used, a.shape[1]), dtype=F32)
+    for ex in np.unique(ids):
+        sel = ids == ex
+        out[sel] = np.matmul(x[sel], f32(a[ex]).T)
+    return out.reshape(1, n_tok, n_used, a.shape[1])
+
+
+def argsort(node: Tensor, srcs: Srcs) -> Arr:
+    """Row-wise argsort over ``ne[0]`` (ggml_compute_forward_argsort_f32): f32 ``ne = [n, r1, r2,
+    r3]`` -> i32 of the same ``ne``; row ``r`` holds the column indices ``0..n-1`` ordered by
+    ``x[r][i]``, ascending for ``order`` 0 (GGML_SORT_ORDER_ASC), descending for 1.
+
+    Ties: ggml-cpu's ``std::sort`` leaves the order of equal values unspecified; fusec orders equal
+    values by ascending column index in both directions (a stable sort), and its kernels do the
+    same, so results are deterministic. NaN values sort to unspecified positions (as ggml)."""
+    x = f32(srcs[0])
+    key = x if int(node.params.get("order", 0)) == 0 else -x
+    return np.argsort(key, axis=-1, kind="stable").astype(np.int32)
+
+
+def clamp(node: Tensor, srcs: Srcs) -> Arr:
+    """``MAX(MIN(x, max), min)`` with ggml's ternary macros (ggml_compute_forward_clamp_f32): a NaN
+    ``x`` gives ``max`` (``MIN(NaN, max)`` is ``max``), ``min > max`` gives ``min``."""
+    x = f32(srcs[0])
+    lo, hi = F32(node.params["min"]), F32(node.params["max"])
+    m = np.where(x < hi, x, hi)
+    return np.where(m > lo, m, lo).astype(F32)
+
+
 def get_rows(node: Tensor, srcs: Srcs) -> Arr:
     """Gather rows (ggml_compute_forward_get_rows): a ``ne = [n, R, a2, a3]``, indices i32
     ``ne = [k, a2, c2, 1]`` -> ``ne = [n, k, a2, c2]`` with ``dst[i12][i11][i10] =
@@ -347,6 +390,9 @@ COMPUTE: dict[str, Callable[[Tensor, Srcs], Arr]] = {
     "SOFT_MAX": soft_max,
     "ROPE": rope,
     "MUL_MAT": mul_mat,
+    "MUL_MAT_ID": mul_mat_id,
+    "ARGSORT": argsort,
+    "CLAMP": clamp,
     "FLASH_ATTN_EXT": flash_attn_ext,
     "GET_ROWS": get_rows,
     "CONT": cont,

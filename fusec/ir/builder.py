@@ -21,7 +21,7 @@ from typing import Any
 from ..errors import GraphError
 from .dtypes import DType
 from .graph import Graph
-from .ops import OpCheckError, get_op
+from .ops import SORT_ORDERS, OpCheckError, get_op
 from .shape import contiguous_nb, norm_ne
 from .tensor import Tensor
 
@@ -158,7 +158,30 @@ class GraphBuilder:
     def geglu(self, a, b=None, name=None):
         return self.op("GEGLU", [a, b], name=name)
 
+    def clamp(self, a, min: float, max: float, name=None):  # noqa: A002  (ggml's parameter names)
+        """``max(min(x, max), min)`` element-wise (ggml_clamp); f32/f16, same ``ne``; ``max`` may be
+        ``float('inf')``."""
+        return self.op("CLAMP", [a], {"min": float(min), "max": float(max)}, name=name)
+
     # -- row ops ---------------------------------------------------------------------------------
+    def argsort(self, a, order: str | int = "asc", name=None):
+        """Column indices of each row of ``a`` sorted by value (ggml_argsort): f32 ne=[n, r1, r2, r3]
+        -> i32, same ``ne``; ``order`` ``"asc"``/``"desc"`` (or GGML_SORT_ORDER_* 0/1). Raises
+        :class:`GraphError` for another dtype or order."""
+        o = SORT_ORDERS.get(order, order) if isinstance(order, str) else int(order)
+        return self.op("ARGSORT", [a], {"order": o}, name=name)
+
+    def argsort_top_k(self, a, k: int, name=None, argsort_name=None):
+        """Indices of the ``k`` largest values of each row, largest first (ggml_argsort_top_k: an
+        ARGSORT in descending order, then a VIEW of its first ``k`` columns): f32 ne=[n, r1, r2, r3]
+        -> i32 view ne=[k, r1, r2, r3] (row stride ``n``). Raises :class:`GraphError` for
+        ``k > n``."""
+        if not 1 <= int(k) <= a.ne[0]:
+            raise GraphError(f"argsort_top_k: k={k} must be in 1..ne[0]={a.ne[0]}", node=repr(name or "argsort_top_k"),
+                             field="params")
+        s = self.argsort(a, "desc", name=argsort_name)
+        return self.view(s, (int(k), *s.ne[1:]), s.nb, 0, name=name)
+
     def rms_norm(self, a, eps: float, name=None):
         """``x / sqrt(mean(x^2) + eps)`` over ``ne[0]`` (ggml_rms_norm)."""
         return self.op("RMS_NORM", [a], {"eps": float(eps)}, name=name)
@@ -200,6 +223,13 @@ class GraphBuilder:
     def mul_mat(self, a, b, name=None):
         """``b @ a^T`` per batch (ggml_mul_mat): a ne=[K, M, ...], b ne=[K, N, ...] -> ne=[M, N, ...]."""
         return self.op("MUL_MAT", [a, b], name=name)
+
+    def mul_mat_id(self, as_, b, ids, name=None):
+        """Expert matmul (ggml_mul_mat_id): ``as_`` f32/f16 ne=[K, M, n_as] (one matrix per expert),
+        ``b`` f32 ne=[K, B1, T] (``B1`` 1 or the experts used), ``ids`` i32 ne=[E, T] (expert of each
+        slot, ``E % B1 == 0``) -> f32 ne=[M, E, T] with ``dst[t][e] = as_[ids[t][e]] · b[t][e % B1]``.
+        Raises :class:`GraphError` naming the node for mismatched shapes or dtypes."""
+        return self.op("MUL_MAT_ID", [as_, b, ids], name=name)
 
     def get_rows(self, a, idx, name=None):
         """Rows ``a[idx]`` (ggml_get_rows): a ne=[n, rows, ...], idx i32 ne=[k, ...] -> ne=[n, k, ...]."""

@@ -286,6 +286,51 @@ def _flash_attn_ext(srcs, params) -> Layout:
     return Layout(F32, (v.ne[0], q.ne[2], q.ne[1], q.ne[3]))
 
 
+def _clamp(srcs, params) -> Layout:
+    """ggml_clamp(a, min, max): f32/f16 ``a`` of any ``ne`` and strides -> same dtype and ``ne``,
+    contiguous; ``min``/``max`` are floats (``max`` may be ``inf``: llama.cpp's MoE weight sum)."""
+    a = srcs[0]
+    _float(a, "src[0]")
+    for k in ("min", "max"):
+        _need(isinstance(params.get(k), (int, float)), f"clamp {k} must be a number, got {params.get(k)!r}",
+              "params")
+    return Layout(a.dtype, a.ne)
+
+
+SORT_ORDERS = {"asc": 0, "desc": 1}
+"""ggml_sort_order values (GGML_SORT_ORDER_ASC = 0, GGML_SORT_ORDER_DESC = 1), ARGSORT's ``order``."""
+
+
+def _argsort(srcs, params) -> Layout:
+    """ggml_argsort(a, order): f32 ``a`` ``ne = [n, r1, r2, r3]`` (any strides) -> i32, same ``ne``,
+    contiguous: each row's column indices ``0..n-1`` ordered by value (``order`` 0 ascending, 1
+    descending, GGML_SORT_ORDER_*)."""
+    a = srcs[0]
+    _need(a.dtype == F32, f"src[0] must be f32 (ggml_argsort sorts f32 rows), got {a.dtype}")
+    _need(params.get("order") in (0, 1), f"argsort order must be 0 (asc) or 1 (desc), got {params.get('order')!r}",
+          "params")
+    return Layout(I32, a.ne)
+
+
+def _mul_mat_id(srcs, params) -> Layout:
+    """ggml_mul_mat_id(as, b, ids): ``as`` f32/f16 ``ne = [K, M, n_as, 1]`` (one matrix per expert,
+    ``nb[0] <= nb[1]``), ``b`` f32 ``ne = [K, B1, T, 1]``, ``ids`` i32 ``ne = [E, T, 1, 1]`` with
+    ``E % B1 == 0`` -> f32 ``ne = [M, E, T, 1]``: ``dst[t][e] = as[ids[t][e]] · b[t][e % B1]``."""
+    a, b, ids = srcs
+    _float(a, "src[0] (as)")
+    _need(b.dtype == F32, f"src[1] (b) must be f32, got {b.dtype}")
+    _need(ids.dtype == I32, f"src[2] (ids) must be i32, got {ids.dtype}")
+    _need(a.ne[3] == 1, f"src[0] (as) must be 3-D (one matrix per expert), got ne={list(a.ne)}")
+    _need(a.nb[0] <= a.nb[1], "src[0] (as) must not be transposed (ggml_is_transposed: nb[0] > nb[1])")
+    _need(b.ne[3] == 1, f"src[1] (b) must be 3-D, got ne={list(b.ne)}")
+    _need(ids.ne[2] == 1 and ids.ne[3] == 1, f"src[2] (ids) must be 2-D, got ne={list(ids.ne)}")
+    _need(ids.ne[1] == b.ne[2], f"src[2] (ids) ne[1]={ids.ne[1]} != src[1] (b) ne[2]={b.ne[2]} (tokens)")
+    _need(a.ne[0] == b.ne[0], f"src[0] (as) ne[0]={a.ne[0]} != src[1] (b) ne[0]={b.ne[0]}")
+    _need(ids.ne[0] % b.ne[1] == 0, f"src[2] (ids) ne[0]={ids.ne[0]} is not a multiple of src[1] (b) "
+          f"ne[1]={b.ne[1]} (b broadcasts over the experts used)")
+    return Layout(F32, (a.ne[1], ids.ne[0], b.ne[2], 1))
+
+
 def _leaf(srcs, params) -> Layout:  # never called: leaves are built directly
     raise OpCheckError("leaf tensors have no inference")
 
@@ -334,6 +379,10 @@ for _op in [
         "n_dims": 0, "mode": 0, "n_ctx_orig": 0, "freq_base": 10000.0, "freq_scale": 1.0,
         "ext_factor": 0.0, "attn_factor": 1.0, "beta_fast": 32.0, "beta_slow": 1.0}),
     OpDef("MUL_MAT", (2, 2), "matmul", _mul_mat, "ggml_mul_mat"),
+    OpDef("MUL_MAT_ID", (3, 3), "matmul", _mul_mat_id, "ggml_mul_mat_id (GGML_OP_MUL_MAT_ID)"),
+    OpDef("ARGSORT", (1, 1), "row", _argsort, "ggml_argsort (GGML_OP_ARGSORT)", params={"order": 0}),
+    OpDef("CLAMP", (1, 1), "unary", _clamp, "ggml_clamp (GGML_OP_CLAMP): max(min(x, max), min)",
+          params={"min": float("-inf"), "max": float("inf")}),
     OpDef("GET_ROWS", (2, 2), "rows", _get_rows, "ggml_get_rows"),
     OpDef("SET_ROWS", (3, 3), "rows", _set_rows, "ggml_set_rows"),
     OpDef("CPY", (2, 2), "copy", _cpy, "ggml_cpy"),

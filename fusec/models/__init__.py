@@ -1,5 +1,5 @@
-"""Llama-family models (Llama, Mistral, Qwen2): HF configs, llama.cpp-equivalent decode graphs, weights,
-KV caches, and checkpoint loaders (GGUF, HF safetensors; ``loaders.load_model``)."""
+"""Llama-family models (Llama, Mistral, Qwen2, Gemma-2, Qwen3, Qwen3-MoE): HF configs, llama.cpp-equivalent
+decode graphs, weights, KV caches, and checkpoint loaders (GGUF, HF safetensors; ``loaders.load_model``)."""
 
 from .config import ConfigError, LlamaConfig, ModelError, RopeScaling, config_from_dict, load_config, shipped_configs
 from .llama import build_llama_decode

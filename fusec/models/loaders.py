@@ -11,6 +11,17 @@ Supported architectures (HF ``architectures`` / GGUF ``general.architecture``):
   ``llama``; its ``sliding_window`` is kept in ``cfg.sliding_window``, and read back from a GGUF's
   ``llama.attention.sliding_window``): rope mode 0 (normal, adjacent pairs).
 * ``Qwen2ForCausalLM`` / ``qwen2``: q/k/v biases, rope mode 2 (NEOX).
+* ``Gemma2ForCausalLM`` / ``gemma2``: rope NEOX, tied output, four norms per layer. HF's
+  ``post_attention_layernorm`` is Gemma-2's post-attention norm (GGUF ``post_attention_norm``), not
+  the FFN pre-norm (``pre_feedforward_layernorm`` -> ``ffn_norm``). Gemma's ``RMSNorm`` computes
+  ``x_normed * (1 + w)`` while llama.cpp multiplies by the stored weight, so ``convert_hf_to_gguf.py``
+  (``Gemma2Model.modify_tensors``) stores ``w + 1`` for every ``*norm.weight``; the HF loader adds 1
+  the same way.
+* ``Qwen3ForCausalLM`` / ``qwen3``: rope NEOX, ``self_attn.{q,k}_norm`` -> ``attn_{q,k}_norm``.
+* ``Qwen3MoeForCausalLM`` / ``qwen3moe``: as Qwen3, plus the router ``mlp.gate.weight`` ->
+  ``ffn_gate_inp.weight`` and the per-expert ``mlp.experts.{e}.{gate,up,down}_proj.weight`` stacked
+  along a third axis into ``ffn_{gate,up,down}_exps.weight`` (ne = [in, out, n_expert]), as
+  ``convert_hf_to_gguf.py`` (``Qwen2MoeModel.modify_tensors``) does.
 
 **RoPE layout.** HF Llama/Mistral rotate the two *halves* of each head (``rotate_half``), while
 llama.cpp's ``llama`` graph rotates *adjacent pairs*; ``convert_hf_to_gguf.py``
@@ -28,6 +39,7 @@ presence, shape and type, unexpected tensors) before any data is converted, and 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 from collections.abc import Mapping
@@ -41,7 +53,7 @@ from .config import ConfigError, LlamaConfig, ModelError, config_from_dict
 from .tokenizer import Tokenizer
 from .weights import TensorSpec, parse_float_dtype, weight_specs
 
-GGUF_ARCHITECTURES = ("llama", "qwen2")
+GGUF_ARCHITECTURES = ("llama", "qwen2", "gemma2", "qwen3", "qwen3moe")
 GGUF_TENSOR_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0")
 SAFETENSORS_DTYPES = ("F32", "F16", "BF16")
 
@@ -65,18 +77,34 @@ _HF_LAYER = {
     "mlp.up_proj.weight": "ffn_up.weight",
     "mlp.down_proj.weight": "ffn_down.weight",
 }
+# Gemma-2's four norms per layer (HF Gemma2DecoderLayer -> llama.cpp gemma2 tensors)
+_HF_LAYER_GEMMA2 = {**_HF_LAYER,
+                    "post_attention_layernorm.weight": "post_attention_norm.weight",
+                    "pre_feedforward_layernorm.weight": "ffn_norm.weight",
+                    "post_feedforward_layernorm.weight": "post_ffw_norm.weight"}
+# Qwen3's per-head q/k norms
+_HF_LAYER_QWEN3 = {**_HF_LAYER,
+                   "self_attn.q_norm.weight": "attn_q_norm.weight",
+                   "self_attn.k_norm.weight": "attn_k_norm.weight"}
+# Qwen3-MoE: the router; the experts (one HF tensor per expert) are stacked, see _HF_EXPERT_RE
+_HF_LAYER_QWEN3MOE = {**_HF_LAYER_QWEN3, "mlp.gate.weight": "ffn_gate_inp.weight"}
+_HF_LAYER_BY_ARCH = {"gemma2": _HF_LAYER_GEMMA2, "qwen3": _HF_LAYER_QWEN3, "qwen3moe": _HF_LAYER_QWEN3MOE}
+# model.layers.{il}.mlp.experts.{e}.{gate,up,down}_proj.weight -> expert e of blk.{il}.ffn_{gate,up,down}_exps.weight
+_HF_EXPERT_RE = re.compile(r"^model\.layers\.(\d+)\.mlp\.experts\.(\d+)\.(gate|up|down)_proj\.weight$")
 _HF_LAYER_RE = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
 _HF_IGNORED_RE = re.compile(r"(^|\.)rotary_emb\.inv_freq$")  # buffers some older checkpoints saved
 
 
-def hf_to_gguf_name(name: str) -> str | None:
+def hf_to_gguf_name(name: str, arch: str = "llama") -> str | None:
     """GGUF name of an HF tensor name (``model.layers.3.self_attn.q_proj.weight`` ->
-    ``blk.3.attn_q.weight``), or ``None`` when the name has no counterpart."""
+    ``blk.3.attn_q.weight``), or ``None`` when the name has no counterpart. ``arch`` is the
+    llama.cpp architecture (``cfg.arch``): Gemma-2 and Qwen3 map extra norms (see the module doc)."""
     if name in _HF_GLOBAL:
         return _HF_GLOBAL[name]
+    table = _HF_LAYER_BY_ARCH.get(arch, _HF_LAYER)
     m = _HF_LAYER_RE.match(name)
-    if m and m.group(2) in _HF_LAYER:
-        return f"blk.{m.group(1)}.{_HF_LAYER[m.group(2)]}"
+    if m and m.group(2) in table:
+        return f"blk.{m.group(1)}.{table[m.group(2)]}"
     return None
 
 
@@ -93,6 +121,13 @@ def permute_rope_rows(w: np.ndarray, n_head: int) -> np.ndarray:
         raise ModelError(f"cannot permute {rows} rows into {n_head} heads of even size")
     half = rows // n_head // 2
     return np.ascontiguousarray(w.reshape(n_head, 2, half, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape))
+
+
+def gemma_norm_weight(w: np.ndarray) -> np.ndarray:
+    """Gemma's HF RMSNorm weight ``w`` (the model computes ``x_normed * (1 + w)``) as llama.cpp
+    stores it: ``w + 1`` in float32 (``convert_hf_to_gguf.py`` ``Gemma2Model.modify_tensors``).
+    Returns a new array of ``w``'s shape."""
+    return np.asarray(w, dtype=np.float32) + np.float32(1.0)
 
 
 def load_model(path: str | Path, *, weight_dtype: DType | str = "f32"
@@ -187,7 +222,11 @@ def gguf_config(reader, name: str, where: str) -> LlamaConfig:
     Optional: ``.attention.head_count_kv`` (= head_count), ``.attention.key_length`` /
     ``.rope.dimension_count`` (= n_embd/n_head; must be equal), ``.rope.freq_base`` (10000),
     ``.context_length`` (2048), ``.vocab_size`` (rows of ``token_embd.weight``),
-    ``.attention.sliding_window``. Raises :class:`ModelError` naming the key.
+    ``.attention.sliding_window``. ``gemma2`` (as llama.cpp's hparams): ``.attention.sliding_window``
+    (4096) on even layers, ``.attn_logit_softcapping`` (50), ``.final_logit_softcapping`` (30), Q scale
+    ``1/sqrt(head_dim)`` (27B, 46 layers: ``1/sqrt(n_embd/n_head)``). ``qwen3moe``: ``.expert_count``,
+    ``.expert_used_count`` (required), ``.expert_feed_forward_length`` (= feed_forward_length /
+    expert_used_count). Raises :class:`ModelError` naming the key.
     """
     arch = _field(reader, "general.architecture", where)
     if arch not in GGUF_ARCHITECTURES:
@@ -211,14 +250,31 @@ def gguf_config(reader, name: str, where: str) -> LlamaConfig:
             raise ModelError(f"{where}: unsupported {arch}.rope.scaling.type={scaling!r} (supported: none; "
                              "llama3 scaling comes as the rope_freqs.weight tensor)")
         swa = _field(reader, f"{arch}.attention.sliding_window", where, None)
+        n_layer = int(_field(reader, f"{arch}.block_count", where))
+        n_ff = int(_field(reader, f"{arch}.feed_forward_length", where, 0 if arch == "qwen3moe" else ...))
+        extra: dict[str, Any] = {}
+        if arch == "gemma2":  # llama_model_loader hparams for LLM_ARCH_GEMMA2
+            swa = 4096 if swa is None else swa
+            extra = dict(swa_pattern=2, hidden_act="gelu_pytorch_tanh", embd_scale=True, post_norms=True,
+                         attn_logit_softcapping=float(_field(reader, f"{arch}.attn_logit_softcapping", where, 50.0)),
+                         final_logit_softcapping=float(_field(reader, f"{arch}.final_logit_softcapping", where,
+                                                              30.0)),
+                         query_pre_attn_scalar=float(n_embd // n_head if n_layer == 46 else head_dim))
+        elif arch == "qwen3moe":
+            n_expert = int(_field(reader, f"{arch}.expert_count", where))
+            n_used = int(_field(reader, f"{arch}.expert_used_count", where))
+            if not 1 <= n_used <= n_expert:
+                raise ModelError(f"{where}: {arch}.expert_used_count={n_used} must be in 1..expert_count={n_expert}")
+            extra = dict(n_expert=n_expert, n_expert_used=n_used, norm_topk_prob=True,
+                         n_ff_exp=int(_field(reader, f"{arch}.expert_feed_forward_length", where, n_ff // n_used)))
         cfg = LlamaConfig(
             name=name,
             hidden_size=n_embd,
-            intermediate_size=int(_field(reader, f"{arch}.feed_forward_length", where)),
+            intermediate_size=n_ff,
             num_attention_heads=n_head,
             num_key_value_heads=n_head_kv,
             head_dim=head_dim,
-            num_hidden_layers=int(_field(reader, f"{arch}.block_count", where)),
+            num_hidden_layers=n_layer,
             rms_norm_eps=float(_field(reader, f"{arch}.attention.layer_norm_rms_epsilon", where)),
             rope_theta=float(_field(reader, f"{arch}.rope.freq_base", where, 10000.0)),
             rope_scaling=None,
@@ -229,6 +285,8 @@ def gguf_config(reader, name: str, where: str) -> LlamaConfig:
             attn_bias=arch == "qwen2",
             sliding_window=None if swa is None or int(swa) == 0 else int(swa),
             rope_freqs_tensor="rope_freqs.weight" in tensors,
+            qk_norm=arch in ("qwen3", "qwen3moe"),
+            **extra,
         )
     except (TypeError, ValueError) as e:
         raise ModelError(f"{where}: bad metadata value: {e}") from None
@@ -321,7 +379,10 @@ def load_hf(path: str | Path, *, weight_dtype: DType | str = "f32"
     Tensors are read through safetensors' memory map (``safe_open``): F32/F16 once into numpy by
     ``get_tensor``; BF16 (which numpy lacks) as a read-only ``np.memmap`` of its bytes, widened once
     by ``gguf.quants`` (BF16). Llama/Mistral q/k projections are permuted to llama.cpp's layout
-    (:func:`permute_rope_rows`); llama3 ``rope_freqs.weight`` is computed from ``rope_scaling``.
+    (:func:`permute_rope_rows`); llama3 ``rope_freqs.weight`` is computed from ``rope_scaling``;
+    Gemma-2 norm weights get ``+1`` (:func:`gemma_norm_weight`); Qwen3-MoE expert tensors are
+    stacked per layer and projection (every expert ``0..n_expert-1`` must be present, all of one
+    shape and dtype).
     """
     try:
         from safetensors import safe_open
@@ -346,14 +407,24 @@ def load_hf(path: str | Path, *, weight_dtype: DType | str = "f32"
     specs = weight_specs(cfg)
 
     # pass 1: names, dtypes, shapes (no tensor data read)
-    found: dict[str, tuple[Path, str, str, tuple[int, ...]]] = {}  # gguf name -> (file, hf name, dtype, shape)
+    found: dict[str, tuple[Any, str, str, tuple[int, ...]]] = {}  # gguf name -> (file, hf name, dtype, shape)
+    experts: dict[str, dict[int, tuple[Path, str, str, tuple[int, ...]]]] = {}  # stacked name -> expert -> entry
     extra: list[str] = []
     for f in files:
         try:
             with safe_open(str(f), framework="np") as st:
                 for hf_name in st.keys():
                     sl = st.get_slice(hf_name)
-                    gname = hf_to_gguf_name(hf_name)
+                    em = _HF_EXPERT_RE.match(hf_name) if cfg.is_moe else None
+                    if em:
+                        gname = f"blk.{em.group(1)}.ffn_{em.group(3)}_exps.weight"
+                        if gname in specs and int(em.group(2)) < cfg.n_expert:
+                            experts.setdefault(gname, {})[int(em.group(2))] = (
+                                f, hf_name, str(sl.get_dtype()), tuple(int(x) for x in sl.get_shape()))
+                        else:
+                            extra.append(hf_name)
+                        continue
+                    gname = hf_to_gguf_name(hf_name, cfg.arch)
                     if gname is None or gname not in specs:
                         if gname == "output.weight" and cfg.tie_word_embeddings:
                             continue  # a tied lm_head saved anyway: llama.cpp also ignores it
@@ -364,6 +435,8 @@ def load_hf(path: str | Path, *, weight_dtype: DType | str = "f32"
         except Exception as e:  # safetensors raises its own SafetensorError for a corrupt file
             raise ModelError(f"{f}: not a readable safetensors file: {e}") from None
     where = str(d)
+    for gname, by_expert in experts.items():
+        found[gname] = _stack_entry(where, gname, by_expert, cfg.n_expert)
     rope_freqs = cfg.rope_freq_factors()
     if rope_freqs is not None:
         found["rope_freqs.weight"] = (d, "rope_freqs.weight", "F32", tuple(rope_freqs.shape))
@@ -371,8 +444,13 @@ def load_hf(path: str | Path, *, weight_dtype: DType | str = "f32"
     for name in specs:
         if name not in found:
             m = re.match(r"blk\.(\d+)\.(.+)$", name)
+            em = re.match(r"blk\.(\d+)\.ffn_(gate|up|down)_exps\.weight$", name)
+            if em:
+                raise ModelError(f"{where}: missing tensor 'model.layers.{em.group(1)}.mlp.experts.0."
+                                 f"{em.group(2)}_proj.weight' ({name})")
             hf = missing_hf.get(name) or (m and next(
-                (f"model.layers.{m.group(1)}.{k}" for k, v in _HF_LAYER.items() if v == m.group(2)), None))
+                (f"model.layers.{m.group(1)}.{k}" for k, v in _HF_LAYER_BY_ARCH.get(cfg.arch, _HF_LAYER).items()
+                 if v == m.group(2)), None))
             raise ModelError(f"{where}: missing tensor {hf or name!r} ({name})")
     _check_names(where, cfg, specs, found, extra)
     for name, spec in specs.items():
@@ -386,33 +464,66 @@ def load_hf(path: str | Path, *, weight_dtype: DType | str = "f32"
     gguf = None
     headers: dict[Path, tuple[int, dict[str, Any]]] = {}
     weights: dict[str, np.ndarray] = {}
-    by_file: dict[Path, list[str]] = {}
-    for name in specs:
-        by_file.setdefault(found[name][0], []).append(name)
-    for f, names in by_file.items():
-        if f == d:  # computed tensors
-            for name in names:
+
+    def read(st, f: Path, hf_name: str, dt: str, shape: tuple[int, ...]) -> np.ndarray:
+        nonlocal gguf
+        if dt != "BF16":
+            return st.get_tensor(hf_name)
+        gguf = gguf or _gguf()
+        if f not in headers:
+            headers[f] = _safetensors_header(f)
+        start, header = headers[f]
+        b, e = header[hf_name]["data_offsets"]
+        raw = np.memmap(f, dtype=np.uint8, mode="r", offset=start + b, shape=(e - b,))
+        byte_shape = (*shape[:-1], shape[-1] * 2) if shape else (2,)
+        return gguf.quants.dequantize(raw.reshape(byte_shape), gguf.GGMLQuantizationType.BF16)
+
+    with contextlib.ExitStack() as stack:
+        handles: dict[Path, Any] = {}
+
+        def handle(f: Path):
+            if f not in handles:
+                handles[f] = stack.enter_context(safe_open(str(f), framework="np"))
+            return handles[f]
+
+        for name in specs:
+            f, hf_name, dt, shape = found[name]
+            if f == d:  # computed tensors
                 weights[name] = _finish(rope_freqs, specs[name], wt)
-            continue
-        with safe_open(str(f), framework="np") as st:
-            for name in names:
-                _, hf_name, dt, shape = found[name]
-                if dt == "BF16":
-                    gguf = gguf or _gguf()
-                    if f not in headers:
-                        headers[f] = _safetensors_header(f)
-                    start, header = headers[f]
-                    b, e = header[hf_name]["data_offsets"]
-                    raw = np.memmap(f, dtype=np.uint8, mode="r", offset=start + b, shape=(e - b,))
-                    byte_shape = (*shape[:-1], shape[-1] * 2) if shape else (2,)
-                    arr = gguf.quants.dequantize(raw.reshape(byte_shape), gguf.GGMLQuantizationType.BF16)
-                else:
-                    arr = st.get_tensor(hf_name)
-                if cfg.rope_mode == 0 and name.endswith((".attn_q.weight", ".attn_k.weight")):
-                    heads = cfg.num_attention_heads if ".attn_q." in name else cfg.num_key_value_heads
-                    arr = permute_rope_rows(arr, heads)
-                weights[name] = _finish(arr, specs[name], wt)
+                continue
+            if f is None:  # stacked experts: hf_name is the label, the entries follow in order
+                arr = np.stack([read(handle(ef), ef, en, edt, eshape)
+                                for ef, en, edt, eshape in experts[name].values()])
+            else:
+                arr = read(handle(f), f, hf_name, dt, shape)
+            if cfg.rope_mode == 0 and name.endswith((".attn_q.weight", ".attn_k.weight")):
+                heads = cfg.num_attention_heads if ".attn_q." in name else cfg.num_key_value_heads
+                arr = permute_rope_rows(arr, heads)
+            if cfg.arch == "gemma2" and name.endswith("norm.weight"):
+                arr = gemma_norm_weight(arr)
+            weights[name] = _finish(arr, specs[name], wt)
     return cfg, weights, hf_tokenizer(d, data)
+
+
+def _stack_entry(where: str, gname: str, by_expert: dict[int, tuple[Path, str, str, tuple[int, ...]]],
+                 n_expert: int) -> tuple[None, str, str, tuple[int, ...]]:
+    """The ``found`` entry of a stacked expert tensor: ``(None, label, dtype, (n_expert, *shape))``;
+    sorts ``by_expert`` in place by expert. Raises :class:`ModelError` for a missing expert or experts
+    of different shapes or dtypes."""
+    some_e, some = next(iter(by_expert.items()))
+    missing = [e for e in range(n_expert) if e not in by_expert]
+    if missing:
+        hf = some[1].replace(f".experts.{some_e}.", f".experts.{missing[0]}.")
+        raise ModelError(f"{where}: missing tensor {hf!r} ({gname}, expert {missing[0]} of {n_expert})")
+    entries = [by_expert[e] for e in range(n_expert)]
+    by_expert.clear()
+    by_expert.update(enumerate(entries))
+    first = entries[0]
+    for _, hf_name, dt, shape in entries[1:]:
+        if (dt, shape) != (first[2], first[3]):
+            raise ModelError(f"{where}: tensor {hf_name!r} has dtype {dt} shape {list(shape)}, but expert 0 of "
+                             f"{gname} has {first[2]} {list(first[3])}: experts must agree")
+    return None, first[1].replace(".experts.0.", ".experts.*."), first[2], (n_expert, *first[3])
 
 
 def hf_tokenizer(d: Path, config: Mapping[str, Any]) -> Tokenizer | None:
@@ -432,5 +543,5 @@ def hf_tokenizer(d: Path, config: Mapping[str, Any]) -> Tokenizer | None:
     return Tokenizer.from_file(tj, eos_ids=eos_ids)
 
 
-__all__ = ["gguf_config", "hf_to_gguf_name", "is_checkpoint_path", "load_gguf", "load_hf",
+__all__ = ["gemma_norm_weight", "gguf_config", "hf_to_gguf_name", "is_checkpoint_path", "load_gguf", "load_hf",
            "load_model", "permute_rope_rows"]

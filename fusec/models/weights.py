@@ -53,7 +53,14 @@ def weight_specs(cfg: LlamaConfig, weight_dtype: DType | str = "f32") -> dict[st
     RoPE scaling, ne = [head_dim/2]) are f32. ``output.weight`` is absent when
     ``cfg.tie_word_embeddings``. With ``cfg.attn_bias`` (Qwen2) each layer also has f32 biases
     ``blk.{il}.attn_{q,k,v}.bias`` (ne = [n_head*head_dim] / [n_embd_k_gqa] / [n_embd_v_gqa], as
-    llama.cpp's ``LLM_ARCH_QWEN2`` tensors ``bq``/``bk``/``bv``). Raises :class:`ModelError` for a bad ``weight_dtype``.
+    llama.cpp's ``LLM_ARCH_QWEN2`` tensors ``bq``/``bk``/``bv``). With ``cfg.qk_norm`` (Qwen3) each
+    layer has ``blk.{il}.attn_q_norm.weight`` / ``attn_k_norm.weight`` (f32, ne = [head_dim]); with
+    ``cfg.post_norms`` (Gemma-2) ``blk.{il}.post_attention_norm.weight`` and
+    ``blk.{il}.post_ffw_norm.weight`` (f32, ne = [n_embd]; llama.cpp ``attn_post_norm`` /
+    ``ffn_post_norm``). Gemma norm weights are stored as GGUF stores them, ``1 + w_hf``. With
+    ``cfg.is_moe`` (Qwen3-MoE) the dense ``ffn_gate/up/down`` are replaced by the router and expert
+    tensors of :func:`fusec.models.moe.moe_weight_specs`. Raises :class:`ModelError` for a bad
+    ``weight_dtype``.
     """
     wt = parse_float_dtype(weight_dtype, "weight_dtype")
     n_embd, n_vocab, n_ff = cfg.hidden_size, cfg.vocab_size, cfg.intermediate_size
@@ -75,12 +82,32 @@ def weight_specs(cfg: LlamaConfig, weight_dtype: DType | str = "f32") -> dict[st
             *([TensorSpec(p + "attn_q.bias", F32, _ne(n_q)),
                TensorSpec(p + "attn_k.bias", F32, _ne(cfg.n_embd_k_gqa)),
                TensorSpec(p + "attn_v.bias", F32, _ne(cfg.n_embd_v_gqa))] if cfg.attn_bias else []),
+            *([TensorSpec(p + "attn_k_norm.weight", F32, _ne(cfg.head_dim)),
+               TensorSpec(p + "attn_q_norm.weight", F32, _ne(cfg.head_dim))] if cfg.qk_norm else []),
+            *([TensorSpec(p + "post_attention_norm.weight", F32, _ne(n_embd))] if cfg.post_norms else []),
             TensorSpec(p + "ffn_norm.weight", F32, _ne(n_embd)),
-            TensorSpec(p + "ffn_gate.weight", wt, _ne(n_embd, n_ff)),
-            TensorSpec(p + "ffn_down.weight", wt, _ne(n_ff, n_embd)),
-            TensorSpec(p + "ffn_up.weight", wt, _ne(n_embd, n_ff)),
         ]
+        if cfg.is_moe:
+            specs += list(_moe_specs(cfg, il, wt).values())
+        else:
+            specs += [
+                TensorSpec(p + "ffn_gate.weight", wt, _ne(n_embd, n_ff)),
+                TensorSpec(p + "ffn_down.weight", wt, _ne(n_ff, n_embd)),
+                TensorSpec(p + "ffn_up.weight", wt, _ne(n_embd, n_ff)),
+            ]
+        if cfg.post_norms:
+            specs.append(TensorSpec(p + "post_ffw_norm.weight", F32, _ne(n_embd)))
     return {s.name: s for s in specs}
+
+
+def _moe_specs(cfg: LlamaConfig, il: int, wt: DType) -> dict[str, TensorSpec]:
+    """The MoE tensors of layer ``il`` from :mod:`fusec.models.moe`; :class:`ModelError` without it."""
+    try:
+        from .moe import moe_weight_specs
+    except ImportError:
+        raise ModelError(f"model {cfg.name!r}: MoE FFN not yet supported (n_expert={cfg.n_expert}; "
+                         "fusec.models.moe is not available)") from None
+    return moe_weight_specs(cfg, il, wt)
 
 
 def kv_cache_specs(cfg: LlamaConfig, kv_size: int, kv_dtype: DType | str = "f32") -> dict[str, TensorSpec]:

@@ -204,7 +204,10 @@ class DecodeSession:
         with entry ``i*n_embd_v_gqa + c = c*kv_size + cell_i`` (llama.cpp ``set_input_v_idxs``,
         transposed V cache), with it ``k_idxs``; ``kq_mask`` (``mask_dtype``) from
         :func:`unified_kq_mask` over the first ``n_kv`` cells including the new ones (with
-        ``cfg.sliding_window``). Raises :class:`SessionError` for an empty step, a token id outside
+        ``cfg.sliding_window``, except for an iSWA model). An iSWA model (``cfg.iswa``, Gemma-2)
+        gets two masks as llama.cpp's ``llm_graph_input_attn_kv_iswa``: ``kq_mask`` full causal
+        for its global layers and ``kq_mask_swa`` with the sliding window. Raises
+        :class:`SessionError` for an empty step, a token id outside
         ``[0, vocab_size)``, a step that overflows the KV cache or a malformed multi-sequence step.
         """
         ids, seqs, pos = self._batch(token_ids)
@@ -218,14 +221,20 @@ class DecodeSession:
         n_kv = self.n_kv_for(n)
         cseq, cpos = self.cell_seq[:n_kv].copy(), self.cell_pos[:n_kv].copy()
         cseq[self.pos:self.pos + n], cpos[self.pos:self.pos + n] = seqs, pos
-        mask = unified_kq_mask(cseq, cpos, seqs, pos, self.cfg.sliding_window)
-        return {
+        mdt = np.float16 if self.mask_dtype == F16 else np.float32
+        inputs = {
             "inp_tokens": ids.astype(np.int32),
             "inp_pos": pos.astype(np.int32),
             "k_idxs": cells.copy(),
             "v_idxs": v_idxs,
-            "kq_mask": mask.astype(np.float16) if self.mask_dtype == F16 else mask,
         }
+        if self.cfg.iswa:
+            inputs["kq_mask"] = unified_kq_mask(cseq, cpos, seqs, pos).astype(mdt, copy=False)
+            inputs["kq_mask_swa"] = unified_kq_mask(cseq, cpos, seqs, pos, self.cfg.sliding_window).astype(
+                mdt, copy=False)
+        else:
+            inputs["kq_mask"] = unified_kq_mask(cseq, cpos, seqs, pos, self.cfg.sliding_window).astype(mdt, copy=False)
+        return inputs
 
     # -- graphs ----------------------------------------------------------------------------------
     def _build(self, n_tokens: int, n_kv: int) -> Graph:
