@@ -35,6 +35,7 @@ from fusec.ir.graph import Graph
 from fusec.ir.ops import VIEW_OPS
 from fusec.ir.tensor import Tensor
 from fusec.rewrite import rewrite
+from fusec.rewrite.fuse import fused_alias_input
 from fusec.runtime.plan import INPLACE_OPS, BufferPlan, binding_root, plan_buffers, written_root
 
 SHIPPED = default_patterns()
@@ -51,9 +52,14 @@ def window(mem: dict[int, np.ndarray], plan: BufferPlan, t: Tensor) -> np.ndarra
 def run_fused_staged(node: Tensor, mem: dict[int, np.ndarray], plan: BufferPlan) -> None:
     """Run a FUSED node the way a fused kernel may: decomposition step by step, every intermediate
     of the output's shape staged in the *output buffer*, every source read from memory when a step
-    needs it. Correct exactly when the output buffer holds none of the node's sources."""
+    needs it. Correct exactly when the output buffer holds none of the node's sources. A node that
+    writes in place (:func:`fused_alias_input`) stages nothing; extra outputs (multi-output fusion)
+    are written to their ``FUSED_OUTPUT`` nodes' memory at the end."""
     sub = node.decomposition
     assert sub is not None
+    inplace = fused_alias_input(sub) is not None
+    extras = plan.extra_outputs(node)
+    kept = {id(sub.outputs[k]) for k in extras}  # an extra output's value must survive the staging
     staged: set[int] = set()
     local: dict[int, np.ndarray] = {}
 
@@ -68,13 +74,16 @@ def run_fused_staged(node: Tensor, mem: dict[int, np.ndarray], plan: BufferPlan)
         if d.is_leaf:
             continue
         val = eval_node(d, [None if s is None else read(s) for s in d.src])
-        if d.ne == node.ne and d.dtype == node.dtype and d.op not in VIEW_OPS:
+        if not inplace and id(d) not in kept and d.ne == node.ne and d.dtype == node.dtype and d.op not in VIEW_OPS:
             window(mem, plan, node)[...] = val
             staged.add(id(d))
         else:
             local[id(d)] = val
+    extra = {fo: read(sub.outputs[k]) for k, fo in extras.items()}
     if id(sub.outputs[0]) not in staged:
         window(mem, plan, node)[...] = read(sub.outputs[0])
+    for fo, val in extra.items():
+        window(mem, plan, fo)[...] = val
 
 
 def run_on_plan(plan: BufferPlan, values: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -86,7 +95,7 @@ def run_on_plan(plan: BufferPlan, values: dict[str, np.ndarray]) -> dict[str, np
             window(mem, plan, t)[...] = np.asarray(values[t.name]).reshape(t.ne[::-1])
         elif t.op == "FUSED":
             run_fused_staged(t, mem, plan)
-        elif t.op not in VIEW_OPS:
+        elif t.op not in VIEW_OPS and t.op != "FUSED_OUTPUT":  # FUSED_OUTPUT: written by its FUSED node
             srcs = [None if s is None else window(mem, plan, s).copy() for s in t.src]
             window(mem, plan, t)[...] = eval_node(t, srcs)
     return {o.name: window(mem, plan, o).copy() for o in plan.graph.outputs}
@@ -282,8 +291,8 @@ def test_random_fused_graphs_never_write_what_they_read(g, seed):
                 assert not _ranges_overlap(plan, t, s), (t.name, t.op, s.name)
         if needs_kernel(t):  # the generated kernels' own bindings, as the backends check them
             for k in emit_all(t, "wgsl").kernels:
-                plan.check_kernel(t, [(binding_root(t, bd.tensor), bd.write) for bd in k.bindings
-                                      if bd.tensor is not None])
+                plan.check_kernel(t, [(binding_root(t, bd.tensor, plan.extra_outputs(t)), bd.write)
+                                      for bd in k.bindings if bd.tensor is not None])
     rng = np.random.default_rng(seed)
     vals = {t.name: rng.standard_normal(t.ne[::-1]).astype(np.float32) for t in g.leaves if t.name != "idx"}
     vals["idx"] = np.array([int(rng.integers(0, g.by_name("x").ne[1]))], dtype=np.int32)
