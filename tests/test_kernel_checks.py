@@ -13,7 +13,7 @@ from fusec.codegen.check import check_cuda, check_msl, check_wgsl
 from fusec.errors import CodegenError
 from fusec.ir import GraphBuilder
 from fusec.rewrite.fuse import make_fused_node
-from tests.gpu import requires_wgpu
+from tests.gpu import compile_check_tests, requires_wgpu
 
 CHAINS = {  # name -> epilogue ops after the norm
     "rms_norm": ("RMS_NORM", ()),
@@ -71,19 +71,8 @@ def test_variants_cover_vector_widths_and_tunings():
     assert {(4, False, False), (1, False, False), (4, True, False), (4, False, True)} <= tunings
 
 
-@pytest.mark.skipif(shutil.which("nvcc") is None, reason="needs nvcc")
-def test_every_cuda_variant_compiles_with_nvcc():
-    check_cuda(variants("cuda"))
-
-
-@pytest.mark.skipif(shutil.which("g++") is None, reason="needs g++")
-def test_every_msl_variant_passes_the_shim():
-    check_msl(variants("msl"))
-
-
-@requires_wgpu
-def test_every_wgsl_variant_compiles_with_naga():
-    check_wgsl(variants("wgsl"))
+(test_every_cuda_variant_compiles_with_nvcc, test_every_msl_variant_passes_the_shim,
+ test_every_wgsl_variant_compiles_with_naga) = compile_check_tests(variants)
 
 
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="needs nvcc")

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 
 import numpy as np
 import pytest
@@ -20,7 +19,7 @@ from hypothesis import assume, given
 from hypothesis import strategies as st
 
 from fusec.codegen import emit
-from fusec.codegen.check import check_cuda, check_msl, check_wgsl
+from fusec.codegen.check import check_wgsl
 from fusec.codegen.families import mul_mat_id as mm
 from fusec.codegen.families.argsort import MAX_COLS, padded_cols
 from fusec.errors import BackendError, CodegenError, GraphError
@@ -29,7 +28,7 @@ from fusec.ir import GraphBuilder
 from fusec.ir.graph import Graph
 from fusec.ir.serialize import dumps, loads
 from fusec.ir.tensor import Tensor
-from tests.gpu import requires_cuda, requires_wgpu
+from tests.gpu import compile_check_tests, requires_cuda, requires_wgpu
 from tests.test_elementwise_kernels import _runtime, layouts, nmse, operand
 
 BACKENDS = [pytest.param("wgsl", marks=requires_wgpu.mark), pytest.param("cuda", marks=requires_cuda.mark)]
@@ -466,16 +465,5 @@ def _variants(backend: str):
     return list(out.values())
 
 
-@pytest.mark.skipif(shutil.which("nvcc") is None, reason="needs nvcc")
-def test_every_cuda_variant_compiles_with_nvcc():
-    check_cuda(_variants("cuda"))
-
-
-@pytest.mark.skipif(shutil.which("g++") is None, reason="needs g++")
-def test_every_msl_variant_passes_the_shim():
-    check_msl(_variants("msl"))
-
-
-@requires_wgpu
-def test_every_wgsl_variant_compiles_with_naga():
-    check_wgsl(_variants("wgsl"))
+(test_every_cuda_variant_compiles_with_nvcc, test_every_msl_variant_passes_the_shim,
+ test_every_wgsl_variant_compiles_with_naga) = compile_check_tests(_variants)

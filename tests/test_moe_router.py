@@ -21,7 +21,6 @@ from hypothesis import assume, given
 from hypothesis import strategies as st
 
 from fusec.codegen import emit
-from fusec.codegen.check import check_cuda, check_msl, check_wgsl
 from fusec.dsl import default_patterns
 from fusec.errors import CodegenError
 from fusec.interp import interpret
@@ -30,7 +29,7 @@ from fusec.ir.serialize import dumps
 from fusec.models.moe import WEIGHTS_SUM_MIN, build_moe_ffn, moe_weight_specs
 from fusec.rewrite import rewrite
 from fusec.rewrite.fuse import make_fused_node
-from tests.gpu import requires_cuda, requires_wgpu
+from tests.gpu import compile_check_tests, requires_cuda, requires_wgpu
 from tests.test_elementwise_kernels import nmse
 
 BACKENDS = [pytest.param("wgpu", marks=requires_wgpu.mark), pytest.param("cuda", marks=requires_cuda.mark)]
@@ -293,16 +292,5 @@ def _variants(backend):
     return list(out.values())
 
 
-@pytest.mark.skipif(shutil.which("nvcc") is None, reason="needs nvcc")
-def test_every_cuda_variant_compiles_with_nvcc():
-    check_cuda(_variants("cuda"))
-
-
-@pytest.mark.skipif(shutil.which("g++") is None, reason="needs g++")
-def test_every_msl_variant_passes_the_shim():
-    check_msl(_variants("msl"))
-
-
-@requires_wgpu
-def test_every_wgsl_variant_compiles_with_naga():
-    check_wgsl(_variants("wgsl"))
+(test_every_cuda_variant_compiles_with_nvcc, test_every_msl_variant_passes_the_shim,
+ test_every_wgsl_variant_compiles_with_naga) = compile_check_tests(_variants)

@@ -20,8 +20,9 @@ import numpy as np
 
 from ..backends import wgpu_runtime as rt
 from ..codegen import emit, needs_kernel
-from ..codegen.kernel import Kernel
+from ..codegen.kernel import Binding, Kernel
 from ..errors import BackendError
+from ..ir.dtypes import F32
 from ..ir.graph import Graph
 from .cases import Prepared, nmse
 from .runner import Measurer, SkipCase
@@ -86,7 +87,8 @@ def copy_kernel(nbytes: int, vpt: int = COPY_VPT) -> Kernel:
     n4 = -(-nbytes // 16)
     grid = _grid(-(-n4 // (256 * vpt)))
     src = COPY_WGSL if vpt == COPY_VPT else copy_wgsl(vpt)
-    return Kernel("wgsl", "bench_copy", "copy_vec4", src, [], [("n4", "u32", n4), ("grid_x", "u32", grid[0])],
+    bindings = [Binding("src", None, F32), Binding("dst", None, F32, write=True)]
+    return Kernel("wgsl", "bench_copy", "copy_vec4", src, bindings, [("n4", "u32", n4), ("grid_x", "u32", grid[0])],
                   (256, 1, 1), grid)
 
 

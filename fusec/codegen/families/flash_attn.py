@@ -60,7 +60,9 @@ CUDA_WARPS = 4
 CUDA_GQ_MAX = 8
 CUDA_SMS = 132  # H200; the split heuristic aims at CUDA_BLOCKS_PER_SM blocks per SM
 CUDA_BLOCKS_PER_SM = 4
-CUDA_MIN_BPS, CUDA_MAX_BPS = 4, 16  # KV blocks per split: >= one per warp, <= four per warp
+CUDA_MIN_BPS, CUDA_MAX_BPS = 4, 32  # KV blocks per split: >= one per warp, <= eight per warp
+# H200 (bench/results/2026-11-21-h200-flash-attn-v2.json): 4 sequences x 8192 cells in a 32768-cell
+# cache, upper bound 8 / 16 / 32 / 64 -> 167 / 107 / 96 / 106 us; 1 sequence x 4096: 28 us for all.
 CUDA_REDUCE_THREADS = 128
 TEMPLATES = {"wgsl": "wgsl/flash_attn.wgsl.j2", "cuda": "cuda/flash_attn.cu.j2", "msl": "msl/flash_attn.metal.j2"}
 Q_SHARED_BYTES = 8192  # q rows of a group kept in workgroup memory: QR * D * 4 <= this (tile variant)
