@@ -124,9 +124,9 @@ def test_rewritten_graph_strided_v(n_q, softcap, mask_dtype):
 
 
 def test_split_heuristic_for_the_benchmark_shapes():
-    """4 sequences x 8192 cells of a 32768-cell cache (32 heads, 8 KV heads): G = 4, 16 blocks per split
-    (64 splits, 2048 blocks); one sequence of 4096 cells: 4 blocks per split (256 blocks)."""
-    for (n_kv, n_seq), (want_split, want_blocks) in {(32768, 4): (64, 2048), (4096, 1): (32, 256)}.items():
+    """4 sequences x 8192 cells of a 32768-cell cache (32 heads, 8 KV heads): G = 4, 32 blocks per split
+    (32 splits, 1024 blocks); one sequence of 4096 cells: 4 blocks per split (256 blocks)."""
+    for (n_kv, n_seq), (want_split, want_blocks) in {(32768, 4): (32, 1024), (4096, 1): (32, 256)}.items():
         bld = GraphBuilder()
         q = bld.input("q", "f32", (128, 1, 32, n_seq))
         k = bld.input("k", "f16", (128, n_kv, 8, 1))

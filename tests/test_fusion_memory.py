@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from gpu import requires_wgpu
 from hypothesis import event, given
 from hypothesis import strategies as st
 
@@ -37,6 +36,7 @@ from fusec.ir.tensor import Tensor
 from fusec.rewrite import rewrite
 from fusec.rewrite.fuse import fused_alias_input
 from fusec.runtime.plan import INPLACE_OPS, BufferPlan, binding_root, plan_buffers, written_root
+from tests.gpu import requires_wgpu
 
 SHIPPED = default_patterns()
 W, R = 64, 4

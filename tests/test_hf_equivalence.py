@@ -31,6 +31,7 @@ from fusec.cli import main  # noqa: E402
 from fusec.dsl import default_patterns  # noqa: E402
 from fusec.models import load_model  # noqa: E402
 from fusec.runtime import DecodeSession  # noqa: E402
+from tests.gguf_util import llama_gguf_writer  # noqa: E402
 
 REL_TOL_F32 = 1e-4
 # Q8_0 keeps ~8 bits per weight (one f16 scale per 32), Q4_0 ~4 bits: the logits move by quantization
@@ -122,15 +123,7 @@ def write_gguf(path, model, arch: str, qtype=None, tensors=None, vocab=None, ggu
     quantized to ``qtype`` with ``gguf.quants.quantize`` when given). ``vocab``: (tokens, merges)."""
     cfg = model.config
     ga = gguf_arch or ARCHS[arch][3]
-    w = gguf.GGUFWriter(str(path), ga)
-    w.add_block_count(cfg.num_hidden_layers)
-    w.add_context_length(cfg.max_position_embeddings)
-    w.add_embedding_length(cfg.hidden_size)
-    w.add_feed_forward_length(cfg.intermediate_size)
-    w.add_head_count(cfg.num_attention_heads)
-    w.add_head_count_kv(cfg.num_key_value_heads)
-    w.add_rope_freq_base(5000.0)
-    w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    w = llama_gguf_writer(path, ga, cfg, 5000.0)
     w.add_rope_dimension_count(cfg.hidden_size // cfg.num_attention_heads)
     w.add_vocab_size(cfg.vocab_size)
     if arch == "mistral":
@@ -407,18 +400,10 @@ def write_gguf_hf_only(path, hf_dir, model, arch):
 
     cfg = model.config
     sd = {k: v.astype(np.float32) for k, v in load_file(str(hf_dir / "model.safetensors")).items()}
-    w = gguf.GGUFWriter(str(path), arch)
-    w.add_block_count(cfg.num_hidden_layers)
-    w.add_context_length(cfg.max_position_embeddings)
-    w.add_embedding_length(cfg.hidden_size)
-    w.add_feed_forward_length(cfg.intermediate_size)
-    w.add_head_count(cfg.num_attention_heads)
-    w.add_head_count_kv(cfg.num_key_value_heads)
+    w = llama_gguf_writer(path, arch, cfg, 5000.0)
     w.add_key_length(cfg.head_dim)
     w.add_value_length(cfg.head_dim)
     w.add_rope_dimension_count(cfg.head_dim)
-    w.add_rope_freq_base(5000.0)
-    w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
     w.add_vocab_size(cfg.vocab_size)
     if arch == "gemma2":
         w.add_sliding_window(cfg.sliding_window)

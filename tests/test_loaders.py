@@ -30,6 +30,7 @@ from fusec.models import (  # noqa: E402
     weight_specs,
 )
 from fusec.runtime import DecodeSession, causal_kq_mask  # noqa: E402
+from tests.gguf_util import llama_gguf_writer  # noqa: E402
 
 TINY = {"hidden_size": 64, "intermediate_size": 96, "num_attention_heads": 4, "num_key_value_heads": 2,
         "num_hidden_layers": 2, "rms_norm_eps": 1e-5, "vocab_size": 97, "max_position_embeddings": 128,
@@ -58,15 +59,7 @@ def _file_shape(arr, name):
 
 def write_gguf(path, cfg, weights, arch="llama", types=None, drop=(), extra=None, meta=None, swa=None):
     """GGUF with llama.cpp metadata keys; ``types`` maps tensor name -> GGMLQuantizationType."""
-    w = gguf.GGUFWriter(str(path), arch)
-    w.add_block_count(cfg.num_hidden_layers)
-    w.add_context_length(cfg.max_position_embeddings)
-    w.add_embedding_length(cfg.hidden_size)
-    w.add_feed_forward_length(cfg.intermediate_size)
-    w.add_head_count(cfg.num_attention_heads)
-    w.add_head_count_kv(cfg.num_key_value_heads)
-    w.add_rope_freq_base(cfg.rope_theta)
-    w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    w = llama_gguf_writer(path, arch, cfg, cfg.rope_theta)
     if swa:
         w.add_sliding_window(swa)
     for k, v in (meta or {}).items():
