@@ -556,6 +556,11 @@ def main(argv: list[str] | None = None) -> int:
     except FusecError as e:
         print(f"fusec: error: {e}", file=sys.stderr)
         return 2
+    except MemoryError as e:  # e.g. random weights of a model too large for this machine
+        detail = f" ({e})" if str(e) else ""
+        print(f"fusec: error: out of memory{detail}; try --layers, --vocab or --experts to shrink the model",
+              file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("fusec: interrupted", file=sys.stderr)
         return 130

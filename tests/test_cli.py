@@ -158,6 +158,24 @@ def test_vocab_is_refused_for_a_checkpoint(tmp_path, capsys):
     assert "--experts apply to random-weight configs only" in capsys.readouterr().err
 
 
+def test_too_many_experts_or_tokens_are_refused_in_one_line(capsys):
+    assert main(["run", "--model", "qwen3-30b-a3b", "--experts", "500", "--layers", "1", "--backend", "numpy"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("fusec: error: model 'qwen3-30b-a3b") and "has 128 experts" in err and "Traceback" not in err
+
+
+def test_out_of_memory_is_one_line(monkeypatch, capsys):
+    import fusec.cli as cli
+
+    def boom(args):
+        raise MemoryError("Unable to allocate 858. GiB")
+
+    monkeypatch.setattr(cli, "cmd_run", boom)
+    assert main(["run", "--model", "llama-3.2-1b", "--backend", "numpy"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("fusec: error: out of memory (Unable to allocate 858. GiB)") and "--layers" in err
+
+
 def test_run_verify_fails_loudly_on_mismatch(monkeypatch, capsys):
     """--verify must be able to fail: corrupt the backend's logits and expect exit 1."""
     import numpy as np

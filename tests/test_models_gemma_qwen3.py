@@ -137,6 +137,8 @@ def test_with_vocab_shrinks_only_the_vocabulary():
     assert weight_specs(c)["token_embd.weight"].ne == (2304, 8192, 1, 1)
     with pytest.raises(ConfigError, match="at least 2 tokens"):
         c.with_vocab(1)
+    with pytest.raises(ConfigError, match="has 256000 tokens; cannot keep the first 256001"):
+        load_config("gemma-2-2b").with_vocab(256001)
 
 
 # -- Gemma-2 graph -------------------------------------------------------------------------------------

@@ -188,20 +188,24 @@ class LlamaConfig:
         """A copy keeping only the first ``n`` token ids (``vocab_size = n``; ``token_embd`` /
         ``output`` get ``n`` rows): real widths with a vocabulary small enough for a device's
         buffer-binding limit (lavapipe: 128 MiB, less than Gemma-2's 2.4 GB f32 ``token_embd``).
-        Raises :class:`ConfigError` for ``n < 2``."""
+        Raises :class:`ConfigError` for ``n < 2`` or more tokens than the model has."""
         if int(n) < 2:
             raise ConfigError(f"a vocabulary needs at least 2 tokens, got {n}")
+        if int(n) > self.vocab_size:
+            raise ConfigError(f"model {self.name!r} has {self.vocab_size} tokens; cannot keep the first {n}")
         return dataclasses.replace(self, vocab_size=int(n), name=f"{self.name}-V{int(n)}")
 
     def with_experts(self, n: int) -> LlamaConfig:
         """A MoE copy keeping only the first ``n`` experts (the router still picks
         ``min(n_expert_used, n)``): real widths with expert tensors small enough for a device's
         buffer-binding limit (Qwen3-30B-A3B's f32 ``ffn_*_exps`` are 805 MB each). Raises
-        :class:`ConfigError` for a dense config or ``n < 1``."""
+        :class:`ConfigError` for a dense config, ``n < 1`` or more experts than the model has."""
         if not self.is_moe:
             raise ConfigError(f"model {self.name!r} has no experts to truncate")
         if int(n) < 1:
             raise ConfigError(f"a MoE layer needs at least 1 expert, got {n}")
+        if int(n) > self.n_expert:
+            raise ConfigError(f"model {self.name!r} has {self.n_expert} experts; cannot keep the first {n}")
         return dataclasses.replace(self, n_expert=int(n), n_expert_used=min(self.n_expert_used, int(n)),
                                    name=f"{self.name}-E{int(n)}")
 
