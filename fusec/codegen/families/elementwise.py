@@ -10,9 +10,10 @@ Two kernel shapes cover the six families:
   source and destination element offsets (gathers, scatters, reshaping copies) and the skeleton
   converts the dtype on the way (``f32 <-> f16``).
 
-Templates: ``templates/<backend>/<family>.<ext>.j2`` extend the skeletons
-``templates/common/elementwise_{map,move}.j2`` (CUDA and MSL, through the dialect macros of
-``templates/common/elementwise.j2``) and ``templates/common/elementwise_{map,move}.wgsl.j2`` (WGSL).
+Templates: ``templates/<backend>/<family>.<ext>.j2`` extend one shared skeleton per family
+(``templates/common/elementwise_<family>.j2``, built on ``elementwise_{map,move}.j2``), the same
+for all three backends: the dialect macros of ``templates/common/elementwise.j2`` spell each
+backend's syntax.
 Shapes, strides and offsets are runtime parameters (elements, ggml order); the source depends only
 on dtypes, op structure, vector width and workgroup size.
 """
