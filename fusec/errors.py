@@ -14,6 +14,7 @@ class GraphError(FusecError):
     def __init__(self, message: str, node: str | None = None, field: str | None = None):
         self.node = node
         self.field = field
+        self.message = message
         where = ""
         if node is not None:
             where = f"node {node}"

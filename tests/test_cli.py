@@ -66,6 +66,19 @@ def test_invalid_graph_json_names_node_and_field(tmp_path):
     assert not out.exists()  # nothing half-written
 
 
+def test_shape_inference_errors_in_graph_json_name_the_node_by_id_and_name(tmp_path):
+    from fusec.errors import GraphError
+    from fusec.ir import loads
+
+    g = {"format": "fusec-graph", "version": 1, "outputs": [2], "nodes": [
+        {"id": 0, "name": "a", "op": "NONE", "dtype": "f32", "ne": [8, 2, 1, 1], "flags": ["input"]},
+        {"id": 1, "name": "b", "op": "NONE", "dtype": "f32", "ne": [5, 1, 1, 1], "flags": ["input"]},
+        {"id": 2, "name": "y", "op": "ADD", "dtype": "f32", "ne": [8, 2, 1, 1], "src": [0, 1]}]}
+    want = r"^node 2 \('y'\), field 'src': src\[1\] ne=\[5, 1, 1, 1\] cannot be broadcast"
+    with pytest.raises(GraphError, match=want):
+        loads(json.dumps(g))
+
+
 def test_failed_compile_keeps_previous_output(tmp_path):
     out = tmp_path / "out"
     out.mkdir()

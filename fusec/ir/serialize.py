@@ -74,6 +74,15 @@ def _field(node: dict, key: str, where: str, kind, required: bool = True, defaul
     return v
 
 
+def _named(where: str, fn, *args, **kwargs) -> Tensor:
+    """``fn(*args, **kwargs)``, with a :class:`GraphError` re-raised naming the node as every other
+    load error does (id and name), keeping its field."""
+    try:
+        return fn(*args, **kwargs)
+    except GraphError as e:
+        raise GraphError(e.message, node=where, field=e.field) from None
+
+
 def graph_from_dict(data: Any) -> Graph:
     if not isinstance(data, dict):
         raise GraphError("top level must be a JSON object")
@@ -142,9 +151,9 @@ def graph_from_dict(data: Any) -> Graph:
                 raise GraphError(f"in decomposition: {e}", node=where, field="decomposition") from None
             from ..rewrite.fuse import make_fused_node  # local: rewrite depends on ir
 
-            t = make_fused_node(b, sub, srcs, params, name)
+            t = _named(where, make_fused_node, b, sub, srcs, params, name)
         else:
-            t = b.op(op, srcs, params, name=name)
+            t = _named(where, b.op, op, srcs, params, name=name)
         t.flags |= set(flags)
         if t.ne != ne:
             raise GraphError(f"stored {list(ne)} but inference gives {list(t.ne)}", node=where, field="ne")
