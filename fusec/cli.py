@@ -44,6 +44,21 @@ def _patterns(args):
     return default_patterns()
 
 
+def _model_config(args):
+    """The shipped or ``config.json`` model ``args.model``, shrunk by ``--layers`` / ``--vocab`` /
+    ``--experts`` when given (``ConfigError`` for a value the model cannot take)."""
+    from .models import load_config
+
+    cfg = load_config(args.model)
+    if args.layers:
+        cfg = cfg.with_layers(args.layers)
+    if args.vocab:
+        cfg = cfg.with_vocab(args.vocab)
+    if args.experts:
+        cfg = cfg.with_experts(args.experts)
+    return cfg
+
+
 def _load_graph(args):
     """The graph named by ``--model`` or ``--graph`` (decode graph for models)."""
     from .ir import loads
@@ -53,15 +68,9 @@ def _load_graph(args):
         if not path.is_file():
             raise UsageError(f"no such graph file: {path}")
         return loads(path.read_text(encoding="utf-8"), str(path)), path.stem
-    from .models import build_llama_decode, load_config
+    from .models import build_llama_decode
 
-    cfg = load_config(args.model)
-    if args.layers:
-        cfg = cfg.with_layers(args.layers)
-    if args.vocab:
-        cfg = cfg.with_vocab(args.vocab)
-    if args.experts:
-        cfg = cfg.with_experts(args.experts)
+    cfg = _model_config(args)
     n_kv = min(args.n_ctx, args.n_kv)
     return build_llama_decode(cfg, args.n_tokens, n_kv, args.n_ctx), cfg.name
 
@@ -225,7 +234,7 @@ def cmd_run(args) -> int:
     import numpy as np
 
     from .backends import get_backend
-    from .models import is_checkpoint_path, load_config, load_model, random_weights
+    from .models import is_checkpoint_path, load_model, random_weights
     from .runtime import DecodeSession
 
     console = _console()
@@ -247,13 +256,7 @@ def cmd_run(args) -> int:
         cfg, weights, tokenizer = load_model(args.model, weight_dtype=args.weight_dtype)
         source = f"weights from {args.model} ({args.weight_dtype})"
     else:
-        cfg = load_config(args.model)
-        if args.layers:
-            cfg = cfg.with_layers(args.layers)
-        if args.vocab:
-            cfg = cfg.with_vocab(args.vocab)
-        if args.experts:
-            cfg = cfg.with_experts(args.experts)
+        cfg = _model_config(args)
         weights = random_weights(cfg, seed=args.seed, weight_dtype=args.weight_dtype)
         source = f"random weights (seed {args.seed}, {args.weight_dtype})"
     if args.prompt is not None:

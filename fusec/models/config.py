@@ -263,13 +263,19 @@ def load_config(name_or_path: str | Path) -> LlamaConfig:
             raise ConfigError(f"unknown model config {s!r}: not a shipped config and not a file; "
                               f"shipped configs: {', '.join(shipped_configs())}")
         name = path.stem if path.stem != "config" else path.resolve().parent.name
+    return config_from_dict(read_config_json(path), name=name)
+
+
+def read_config_json(path: Path) -> dict[str, Any]:
+    """The parsed HF ``config.json`` at ``path``; raises :class:`ConfigError` when it cannot be read
+    or is not a JSON object."""
     try:
-        data = json.loads(path.read_text())
+        data = json.loads(Path(path).read_text())
     except (OSError, ValueError) as e:
         raise ConfigError(f"cannot read model config {str(path)!r}: {e}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"model config {str(path)!r} is not a JSON object")
-    return config_from_dict(data, name=name)
+    return data
 
 
 def config_from_dict(data: dict[str, Any], name: str = "model") -> LlamaConfig:

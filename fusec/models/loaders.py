@@ -49,7 +49,7 @@ from typing import Any
 import numpy as np
 
 from ..ir.dtypes import DType
-from .config import ConfigError, LlamaConfig, ModelError, config_from_dict
+from .config import LlamaConfig, ModelError, config_from_dict, read_config_json
 from .tokenizer import Tokenizer
 from .weights import TensorSpec, parse_float_dtype, weight_specs
 
@@ -394,12 +394,7 @@ def load_hf(path: str | Path, *, weight_dtype: DType | str = "f32"
     cfg_path = d / "config.json"
     if not cfg_path.is_file():
         raise ModelError(f"{d}: not an HF checkpoint directory (no config.json)")
-    try:
-        data = json.loads(cfg_path.read_text())
-    except (OSError, ValueError) as e:
-        raise ConfigError(f"cannot read model config {str(cfg_path)!r}: {e}") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"model config {str(cfg_path)!r} is not a JSON object")
+    data = read_config_json(cfg_path)
     cfg = config_from_dict(data, name=d.resolve().name)
     files = sorted(d.glob("*.safetensors"))
     if not files:
