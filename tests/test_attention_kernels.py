@@ -15,14 +15,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fusec.codegen import emit
-from fusec.codegen.check import check_cuda, check_msl, check_wgsl
 from fusec.codegen.families.mul_mat import emit_mul_mat
 from fusec.codegen.families.rope import emit_rope
 from fusec.codegen.families.soft_max import emit_soft_max
 from fusec.errors import CodegenError
 from fusec.interp import interpret
 from fusec.ir import GraphBuilder
-from tests.gpu import requires_cuda, requires_wgpu
+from tests.gpu import compile_check_tests, requires_cuda, requires_wgpu
 
 F32_NMSE = 1e-7
 F16_NMSE = 1e-6
@@ -245,19 +244,17 @@ def all_variants() -> list:
     return nodes
 
 
-def test_all_variants_compile_with_nvcc():
-    kernels = [emit(n, "cuda") for n in all_variants()]
+def _variant_kernels(backend: str):
+    return [emit(n, backend) for n in all_variants()]
+
+
+def test_variants_have_distinct_cuda_entries():
+    kernels = _variant_kernels("cuda")
     assert len({k.entry for k in kernels}) == 20
-    check_cuda(kernels)
 
 
-def test_all_variants_pass_msl_shim_check():
-    check_msl([emit(n, "msl") for n in all_variants()])
-
-
-@requires_wgpu
-def test_all_variants_compile_with_naga():
-    check_wgsl([emit(n, "wgsl") for n in all_variants()])
+(test_all_variants_compile_with_nvcc, test_all_variants_pass_msl_shim_check,
+ test_all_variants_compile_with_naga) = compile_check_tests(_variant_kernels)
 
 
 @pytest.mark.parametrize("fn", [emit_soft_max, emit_rope, emit_mul_mat])

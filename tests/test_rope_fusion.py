@@ -18,7 +18,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fusec.codegen import emit
-from fusec.codegen.check import check_cuda, check_msl, check_wgsl
+from fusec.codegen.check import check_cuda, check_msl
 from fusec.dsl import default_patterns
 from fusec.interp import interpret
 from fusec.ir import GraphBuilder
@@ -26,7 +26,7 @@ from fusec.rewrite import rewrite
 from fusec.rewrite.fuse import fused_alias_input
 from fusec.runtime.key import structural_key
 from fusec.runtime.plan import plan_buffers
-from tests.gpu import requires_cuda, requires_wgpu
+from tests.gpu import compile_check_tests, requires_cuda, requires_wgpu
 
 ROPE = [p for p in default_patterns() if p.file == "patterns/rope.fuse"]
 ALL = default_patterns()
@@ -350,19 +350,17 @@ def all_variants():
     return nodes
 
 
-def test_all_variants_compile_with_nvcc():
-    kernels = [emit(n, "cuda") for n in all_variants()]
+def _variant_kernels(backend: str):
+    return [emit(n, backend) for n in all_variants()]
+
+
+def test_variants_have_distinct_cuda_entries():
+    kernels = _variant_kernels("cuda")
     assert len({k.entry for k in kernels}) == len(kernels) == 21
-    check_cuda(kernels)
 
 
-def test_all_variants_pass_msl_shim_check():
-    check_msl([emit(n, "msl") for n in all_variants()])
-
-
-@requires_wgpu
-def test_all_variants_compile_with_naga():
-    check_wgsl([emit(n, "wgsl") for n in all_variants()])
+(test_all_variants_compile_with_nvcc, test_all_variants_pass_msl_shim_check,
+ test_all_variants_compile_with_naga) = compile_check_tests(_variant_kernels)
 
 
 # ---------------------------------------------------------------------------------------------
