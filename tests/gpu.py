@@ -52,3 +52,12 @@ def compile_check_tests(variants):
 
     return test_every_cuda_variant_compiles_with_nvcc, test_every_msl_variant_passes_the_shim, \
         test_every_wgsl_variant_compiles_with_naga
+
+
+def kernel_arrays(k, values) -> dict:
+    """Host arrays for ``k``'s bindings, by binding name: a written binding NaN-poisoned over its
+    root's elements, a read one flattened from ``values`` (by the bound root's name)."""
+    import numpy as np  # noqa: PLC0415
+
+    return {b.name: (np.full(b.tensor.root.nelements, np.nan, b.dtype.np) if b.write
+                     else values[b.tensor.root.name].reshape(-1)) for b in k.bindings}

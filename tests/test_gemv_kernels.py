@@ -27,7 +27,7 @@ from fusec.interp import interpret
 from fusec.ir import GraphBuilder
 from fusec.ir.dtypes import DType
 from fusec.rewrite import rewrite
-from tests.gpu import requires_cuda, requires_wgpu
+from tests.gpu import kernel_arrays, requires_cuda, requires_wgpu
 
 KINDS = ("add", "swiglu", "geglu")
 BACKENDS = [pytest.param("wgsl", marks=requires_wgpu.mark), pytest.param("cuda", marks=requires_cuda.mark)]
@@ -82,13 +82,7 @@ def values_for(g, seed: int) -> dict[str, np.ndarray]:
 
 def run_node(node, values, backend):
     k = emit(node, backend)
-    arrays = {}
-    for bnd in k.bindings:
-        if bnd.write:
-            arrays[bnd.name] = np.full(bnd.tensor.root.nelements, np.nan, bnd.dtype.np)
-        else:
-            arrays[bnd.name] = values[bnd.tensor.root.name].reshape(-1)
-    return k, RUN[backend](k, arrays)["dst"][: node.nelements]
+    return k, RUN[backend](k, kernel_arrays(k, values))["dst"][: node.nelements]
 
 
 def check(kind, K, M, wdt, backend, seed=0, **kw):

@@ -23,7 +23,7 @@ from fusec.interp import interpret
 from fusec.ir import GraphBuilder
 from fusec.rewrite import rewrite
 from fusec.rewrite.fuse import make_fused_node
-from tests.gpu import requires_cuda, requires_wgpu
+from tests.gpu import kernel_arrays, requires_cuda, requires_wgpu
 
 CHAINS = ("rms_norm", "norm", "rms_norm_mul", "rms_norm_mul_add", "norm_mul_add")
 ROW_LENGTHS = (1, 2, 3, 511, 1024, 1025, 4096, 8192, 16896)
@@ -65,13 +65,7 @@ def build(chain: str, dtype: str, ne, w_ne, eps: float, row_pad: int, offs: int)
 def run_node(node, graph, values, backend):
     """Run ``node``'s kernel with every binding's root memory taken from ``values`` (by leaf name)."""
     k = emit(node, backend)
-    arrays = {}
-    for bnd in k.bindings:
-        if bnd.write:
-            arrays[bnd.name] = np.full(bnd.tensor.root.nelements, np.nan, bnd.dtype.np)
-        else:
-            arrays[bnd.name] = values[bnd.tensor.root.name].reshape(-1)
-    return k, RUN[backend](k, arrays)["dst"].reshape(node.ne[::-1])
+    return k, RUN[backend](k, kernel_arrays(k, values))["dst"].reshape(node.ne[::-1])
 
 
 @st.composite
