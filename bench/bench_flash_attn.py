@@ -26,10 +26,10 @@ L2 flushed between repetitions) of the CUDA graph replay (fusec), of each fusec 
   + written over time).
 
 fusec variants: ``fusec_skip`` (the default plan), ``fusec_noskip`` (no pre-pass: every block loaded,
-the mask read), ``fusec_skip_bps8`` / ``_bps32`` / ``_bps64`` (split-heuristic probes: KV blocks per split
-in 4..8 / 4..32 / 4..64 instead of ``flash_attn.CUDA_MIN_BPS..CUDA_MAX_BPS`` = 4..16; with skipping the
-splits share the visible blocks, so 4seq gets ~2 / ~8 / ~15 visible blocks per split instead of 4),
-``fusec_ggml_layout`` (4seq only). GB/s = visible K/V bytes (the cells some query may see, K and V,
+the mask read), tuning probes that override ``flash_attn``'s constants for one plan: ``_st3`` / ``_st4``
+(3 / 4 cp.async K/V stages instead of what fits ``CUDA_RING_BYTES``), ``_bps8`` / ``_bps16`` / ``_bps64``
+(at most 8 / 16 / 64 KV blocks per split instead of ``CUDA_MAX_BPS``), ``_bpsm8`` (split for 8 blocks
+per SM instead of ``CUDA_BLOCKS_PER_SM``), and ``fusec_ggml_layout`` (4seq only). GB/s = visible K/V bytes (the cells some query may see, K and V,
 every KV head) over time; ``% copy`` = that over the copy ceiling. The JSON (``--out``) is rewritten
 after every case. About a minute on an H200 without ``--flex``.
 
@@ -166,29 +166,40 @@ def nmse(out, ref) -> float:
     return float(np.sum((out - ref) ** 2) / max(np.sum(ref**2), 1e-300))
 
 
+# fusec variants: (name, layout, skip, tuning overrides of fusec.codegen.families.flash_attn or None)
+_STAGE = 32 * (128 + 8) * 2 * 2  # one K + V tile of the CUDA vec kernel (f16, D = Dv = 128, padded rows)
 FUSEC_VARIANTS = [("fusec_skip", "seq", True, None), ("fusec_noskip", "seq", False, None),
-                  ("fusec_skip_bps8", "seq", True, (4, 8)), ("fusec_skip_bps32", "seq", True, (4, 32)),
-                  ("fusec_skip_bps64", "seq", True, (4, 64)), ("fusec_ggml_layout", "ggml", True, None)]
+                  ("fusec_skip_st3", "seq", True, {"CUDA_RING_BYTES": 3 * _STAGE}),
+                  ("fusec_skip_st4", "seq", True, {"CUDA_RING_BYTES": 4 * _STAGE}),
+                  ("fusec_skip_bps8", "seq", True, {"CUDA_MAX_BPS": 8}),
+                  ("fusec_skip_bps16", "seq", True, {"CUDA_MAX_BPS": 16}),
+                  ("fusec_skip_bps64", "seq", True, {"CUDA_MAX_BPS": 64}),
+                  ("fusec_skip_bpsm8", "seq", True, {"CUDA_BLOCKS_PER_SM": 8}),
+                  ("fusec_skip_bpsm8_st3", "seq", True, {"CUDA_BLOCKS_PER_SM": 8, "CUDA_RING_BYTES": 3 * _STAGE}),
+                  ("fusec_ggml_layout", "ggml", True, None)]
 
 
-def variants_for(c: Case) -> list[tuple[str, str, bool, tuple[int, int] | None]]:
-    """fusec variants (name, layout, skip, (min, max) KV blocks per split or None for the default); the
-    ggml layout only with several sequences."""
+def variants_for(c: Case) -> list[tuple[str, str, bool, dict | None]]:
+    """fusec variants (name, layout, skip, tuning overrides or None for the default plan); the ggml
+    layout only with several sequences."""
     return FUSEC_VARIANTS if c.n_seq > 1 else FUSEC_VARIANTS[:-1]
 
 
 @contextlib.contextmanager
-def split_bounds(bps: tuple[int, int] | None):
-    """Temporarily replace ``flash_attn.CUDA_MIN_BPS`` / ``CUDA_MAX_BPS`` (a tuning probe)."""
+def split_bounds(over: dict | None):
+    """Temporarily replace tuning constants of ``fusec.codegen.families.flash_attn`` (``CUDA_MAX_BPS``,
+    ``CUDA_BLOCKS_PER_SM``, ``CUDA_RING_BYTES``, ...): a tuning probe."""
     from fusec.codegen.families import flash_attn as fa
 
-    old = (fa.CUDA_MIN_BPS, fa.CUDA_MAX_BPS)
-    if bps is not None:
-        fa.CUDA_MIN_BPS, fa.CUDA_MAX_BPS = bps
+    over = over or {}
+    old = {k: getattr(fa, k) for k in over}
+    for k, v in over.items():
+        setattr(fa, k, v)
     try:
         yield
     finally:
-        fa.CUDA_MIN_BPS, fa.CUDA_MAX_BPS = old
+        for k, v in old.items():
+            setattr(fa, k, v)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -260,7 +271,7 @@ def run_fusec(cp, timeit, c: Case, vals, ref, name: str, layout: str, skip: bool
     pv = exe._param_values
     for call, kd in zip([cl for cl in exe._calls if cl[0] == "kernel"], res["kernels"], strict=True):
         _, k, fn, bufs, ki = call
-        kd["us"] = timeit(lambda k=k, fn=fn, bufs=bufs, ki=ki: fn(k.grid, k.workgroup_size, bufs + (pv[ki],))) * 1e6
+        kd["us"] = timeit(lambda k=k, fn=fn, bufs=bufs, ki=ki: fn(k.grid, k.workgroup_size, bufs + (pv[ki],), shared_mem=k.dynamic_shared)) * 1e6
     return res
 
 

@@ -377,15 +377,17 @@ def test_every_variant_compiles(backend):
 
 
 def test_block_sizes_per_backend_and_scratch_sizes():
-    """KV block per backend; the CUDA vec kernel runs 4 warps (each a 32-position KV block at a time)."""
+    """KV block per backend; the CUDA vec kernel runs 4 warps over KV tiles of 32 positions and, with a
+    block list, combines the splits itself (no reduction kernel)."""
     y = _variants()[0]  # D 64, n_q 1, f16, f16 mask
     for be in ("wgsl", "cuda", "msl"):
         seq = emit_all(y, be)
         cuda = be == "cuda"  # + the list of the blocks not skipped per (head group, row group, sequence)
-        assert [k.meta["role"] for k in seq.kernels] == ["prepass", *(["blocklist"] if cuda else []), "attention",
-                                                         "reduce"]
-        att = seq.kernels[-2]
+        assert [k.meta["role"] for k in seq.kernels] == (["prepass", "blocklist", "attention"] if cuda else
+                                                         ["prepass", "attention", "reduce"])
+        att = next(k for k in seq.kernels if k.meta["role"] == "attention")
         assert att.workgroup_size[0] == (128 if cuda else KV_BLOCK[be])
+        assert att.meta.get("fused_reduce", False) == cuda and (att.dynamic_shared > 0) == cuda
         n_split = att.meta["n_split"]
         assert seq.scratch_bytes("partials") == 4 * 8 * n_split * (64 + 2)
         assert seq.scratch_bytes("flags") == 4 * (512 // KV_BLOCK[be])

@@ -355,7 +355,7 @@ class CudaExecutable(Executable):
         for call in self._calls:
             if call[0] == "kernel":
                 _, k, fn, bufs, ki = call
-                fn(k.grid, k.workgroup_size, bufs + (pv[ki],))
+                fn(k.grid, k.workgroup_size, bufs + (pv[ki],), shared_mem=k.dynamic_shared)
             else:
                 _, node, a_buf, b_buf, d_buf = call
                 a, b = node.src

@@ -53,11 +53,25 @@ def _function(source: str, entry: str):
         raise BackendError(f"CUDA kernel '{entry}' failed to compile: {e}") from None
 
 
+STATIC_SHARED_LIMIT = 48 * 1024  # dynamic shared memory above this needs the function attribute (opt-in)
+
+
 def module(k: Kernel):
-    """The compiled ``cupy.RawKernel`` for ``k`` (cached by source text and entry point)."""
+    """The compiled ``cupy.RawKernel`` for ``k`` (cached by source text and entry point); a kernel
+    launched with more than 48 KiB of dynamic shared memory (``k.dynamic_shared``) gets its
+    ``CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES`` raised. Launch it with
+    ``shared_mem=k.dynamic_shared``."""
     if k.backend != "cuda":
         raise BackendError(f"cuda_runtime runs CUDA kernels, got a {k.backend} kernel")
-    return _function(k.source, k.entry)
+    fn = _function(k.source, k.entry)
+    if k.dynamic_shared > STATIC_SHARED_LIMIT:
+        cp = _cupy()
+        try:
+            cp.cuda.driver.funcSetAttribute(fn.ptr, cp.cuda.driver.CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                                            int(k.dynamic_shared))
+        except Exception as e:
+            raise BackendError(f"CUDA kernel '{k.entry}': {k.dynamic_shared} bytes of shared memory: {e}") from None
+    return fn
 
 
 def pack_params(k: Kernel) -> bytes:
@@ -103,9 +117,9 @@ def launch(k: Kernel, buffers: Sequence, params=None, stream=None) -> None:
     args = tuple(buffers) + (params,)
     if stream is not None:
         with stream:
-            fn(k.grid, k.workgroup_size, args)
+            fn(k.grid, k.workgroup_size, args, shared_mem=k.dynamic_shared)
     else:
-        fn(k.grid, k.workgroup_size, args)
+        fn(k.grid, k.workgroup_size, args, shared_mem=k.dynamic_shared)
 
 
 def run_kernel(k: Kernel, arrays: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -128,4 +142,4 @@ def run_kernel(k: Kernel, arrays: Mapping[str, np.ndarray]) -> dict[str, np.ndar
     return {b.name: cp.asnumpy(buf) for b, buf in zip(k.bindings, bufs, strict=True) if b.write}
 
 
-__all__ = ["available", "launch", "module", "pack_params", "params_array", "params_value", "run_kernel"]
+__all__ = ["STATIC_SHARED_LIMIT", "available", "launch", "module", "pack_params", "params_array", "params_value", "run_kernel"]

@@ -60,6 +60,8 @@ class Kernel:
         workgroup_size: threads per workgroup / block / threadgroup, (x, y, z).
         grid: number of workgroups / blocks / threadgroups, (x, y, z).
         node: the IR node this kernel computes.
+        meta: family-specific facts (role in a sequence, tuning) for reports, tests and benchmarks.
+        dynamic_shared: CUDA only: bytes of dynamic shared memory the launch must provide (0: none).
     """
 
     backend: str
@@ -72,6 +74,7 @@ class Kernel:
     grid: tuple[int, int, int]
     node: Tensor | None = None
     meta: dict = field(default_factory=dict)
+    dynamic_shared: int = 0
 
     def param(self, name: str) -> int | float:
         for n, _, v in self.params:

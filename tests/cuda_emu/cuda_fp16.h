@@ -5,6 +5,7 @@
 // generated sources on a machine without a GPU and check their index arithmetic and results.
 #pragma once
 #include <algorithm>
+#include <atomic>
 #include <barrier>
 #include <cmath>
 #include <cstdint>
@@ -49,6 +50,12 @@ inline float __int_as_float(int i) { float f; std::memcpy(&f, &i, 4); return f; 
 #define __align__(n) __attribute__((aligned(n)))
 
 template <typename T> inline T __ldg(const T* p) { return *p; }
+template <typename T> inline T __ldcg(const T* p) { return *p; }
+// blocks run one after another: a fence is a no-op, an atomic a plain read-modify-write under a lock
+inline void __threadfence() { std::atomic_thread_fence(std::memory_order_seq_cst); }
+inline int atomicAdd(int* p, int v) { return std::atomic_ref<int>(*p).fetch_add(v); }
+// dynamic shared memory: a block-shared static array of the launch's size
+#define FUSEC_DYNAMIC_SHARED(T, name, bytes) static __attribute__((aligned(16))) T name[bytes]
 
 struct EmuWarp {
     std::barrier<> bar{32};

@@ -64,6 +64,9 @@ CUDA_MIN_BPS, CUDA_MAX_BPS = 4, 32  # KV blocks per split: >= one per warp, <= e
 # H200 (bench/results/2026-11-21-h200-flash-attn-v2.json): 4 sequences x 8192 cells in a 32768-cell
 # cache, upper bound 8 / 16 / 32 / 64 -> 167 / 107 / 96 / 106 us; 1 sequence x 4096: 28 us for all.
 CUDA_REDUCE_THREADS = 128
+CUDA_RING_BYTES = 48 * 1024  # K/V stages of the CUDA vec kernel: as many (<= CUDA_MAX_STAGES) as fit this
+CUDA_MAX_STAGES = 4
+CUDA_MAX_RING_BYTES = 200 * 1024  # dynamic shared memory of one block (H100/H200: 227 KiB with opt-in)
 TEMPLATES = {"wgsl": "wgsl/flash_attn.wgsl.j2", "cuda": "cuda/flash_attn.cu.j2", "msl": "msl/flash_attn.metal.j2"}
 Q_SHARED_BYTES = 8192  # q rows of a group kept in workgroup memory: QR * D * 4 <= this (tile variant)
 
@@ -183,6 +186,7 @@ class Plan:
     skip: bool  # pre-pass flags + masked-block skipping (needs a mask)
     g: int = 1  # query heads per workgroup (one GQA group shares the K/V loads; CUDA vec only)
     backend: str = ""
+    stages: int = 0  # CUDA vec: K/V pipeline stages (0: cuda_vec_layout's choice)
 
     @property
     def cuda_vec(self) -> bool:
@@ -198,6 +202,12 @@ class Plan:
         """CUDA vec with skipping: a kernel after the pre-pass lists, per (head group, sequence, row
         group), the KV blocks not skipped; the splits divide that list evenly (no idle splits)."""
         return self.cuda_vec and self.skip
+
+    @property
+    def fused_reduce(self) -> bool:
+        """CUDA vec with a block list and a split: the last block of each list to finish combines the
+        splits' partials (a ticket counter in the list header), so no reduction kernel runs."""
+        return self.block_list and self.split
 
     def n_lists(self, a: Attn) -> int:
         return (a.n_head // self.g) * a.n_seq * ceil_div(a.n_q, self.qr)
@@ -236,7 +246,8 @@ def cuda_split(n_blocks: int, other_blocks: int) -> int:
 
 
 def choose_plan(a: Attn, backend: str, *, kv_block: int | None = None, n_split: int | None = None,
-                skip: bool = True, variant: str | None = None, rows: int | None = None) -> Plan:
+                skip: bool = True, variant: str | None = None, rows: int | None = None,
+                stages: int | None = None) -> Plan:
     """Variant, rows per workgroup, KV block and split count for ``a`` on ``backend``.
 
     ``vec`` when ``n_q <= 8`` (``QR`` = n_q rounded up to a power of two), else ``tile`` (``QR`` =
@@ -281,7 +292,7 @@ def choose_plan(a: Attn, backend: str, *, kv_block: int | None = None, n_split: 
     n_split = max(1, min(int(n_split), n_blocks))
     bps = ceil_div(n_blocks, n_split)
     n_split = ceil_div(n_blocks, bps)  # no empty split
-    return Plan(variant, qr, kb, n_split, bool(skip and a.mask is not None), g, backend)
+    return Plan(variant, qr, kb, n_split, bool(skip and a.mask is not None), g, backend, int(stages or 0))
 
 
 def _check(node: Tensor, a: Attn) -> None:
@@ -367,13 +378,13 @@ def main_kernel(node: Tensor, a: Attn, pl: Plan, backend: str) -> Kernel:
     bindings = [Binding("q", a.q, a.q.dtype), Binding("k", a.k, a.k.dtype), Binding("v", a.v, a.v.dtype)]
     if a.mask is not None:
         bindings.append(Binding("mask", a.mask, a.mask.dtype))
-    if pl.block_list:  # the list carries the flags of the listed blocks
-        bindings.append(Binding("blist", None, I32, scratch="blist"))
+    if pl.block_list:  # the list carries the flags of the listed blocks (and, with a split, the ticket counter)
+        bindings.append(Binding("blist", None, I32, write=pl.split, scratch="blist"))
     elif pl.skip:
         bindings.append(Binding("flags", None, I32, scratch="flags"))
     if pl.split:
         bindings.append(Binding("partials", None, F32, write=True, scratch="partials"))
-    else:
+    if not pl.split or pl.fused_reduce:
         bindings.append(Binding("dst", node, F32, write=True))
     qnb, knb = elem_strides(a.q), elem_strides(a.k)
     v_sd, v_sj, v_s2, v_s3 = _vdims(a)
@@ -389,9 +400,8 @@ def main_kernel(node: Tensor, a: Attn, pl: Plan, backend: str) -> Kernel:
                ("qk_scale", "f32", a.qk_scale), ("softcap", "f32", a.softcap)]
     params += alibi_params(a.n_head, a.max_bias)
     nd = ceil_div(a.Dv, pl.kb)
-    cv = cuda_vec_layout(a, pl) if pl.cuda_vec else {}
-    vec_tag = "".join(f"_{k}{cv[k]}" for k in ("g", "lk")) + ("_kv" if cv.get("kvec") else "") + \
-        ("_vv" if cv.get("vvec") else "") if pl.cuda_vec else ""
+    cv = cuda_vec_layout(a, pl, pl.stages or None) if pl.cuda_vec else {}
+    vec_tag = f"_g{cv['g']}_s{cv['stages']}_c{cv['kcp']}x{cv['vcp']}" if pl.cuda_vec else ""
     entry = (f"flash_attn_{pl.variant}_{_tag(a, pl)}{vec_tag}{'_skip' if pl.skip else ''}"
              f"{'_split' if pl.split else ''}")
     src = _render(backend, kind="main", entry=entry, node_name=node.name, bindings=bindings,
@@ -404,45 +414,53 @@ def main_kernel(node: Tensor, a: Attn, pl: Plan, backend: str) -> Kernel:
         grid = (pl.n_split, ceil_div(a.n_q, pl.qr), a.n_head * a.n_seq)
     return Kernel(backend, "flash_attn", entry, src, bindings, params, (pl.threads, 1, 1), grid, node,
                   {"role": "attention", "variant": pl.variant, "n_split": pl.n_split, "skip": pl.skip,
-                   "heads_per_block": pl.g, "rows_per_block": pl.qr})
+                   "heads_per_block": pl.g, "rows_per_block": pl.qr, "stages": cv.get("stages", 0),
+                   "fused_reduce": pl.fused_reduce}, dynamic_shared=int(cv.get("ring", 0)))
 
 
 def _pow2_log(n: int) -> int:
     return n.bit_length() - 1
 
 
-def cuda_vec_layout(a: Attn, pl: Plan) -> dict:
-    """Compile-time lane layout of the CUDA vec kernel (see templates/cuda/flash_attn.cu.j2).
+def _copy_bytes(esize: int, contiguous: bool, offsets: tuple[int, ...]) -> int:
+    """Widest cp.async size (16, 8 or 4 bytes) that every row start of a tensor is aligned to (element
+    offsets and strides in ``offsets``, buffers 16-byte aligned), 0 for element copies (strided rows)."""
+    if not contiguous:
+        return 0
+    for w in (16, 8, 4):
+        if w >= esize and all((x * esize) % w == 0 for x in offsets):
+            return w
+    return 0
 
-    K phase: ``lk`` lanes share a K row (each lane a float4 chunk every ``lk`` chunks: ``nc`` chunks), so
-    a warp reads ``32/lk`` rows per step; ``lk`` is the smallest of 8/16/32 (<= D/4) keeping the q
-    registers ``GQ * nc * 4 <= 64``. The ``GQ = g*qr`` partial dots are reduce-scattered over the ``lk``
-    lanes (``rs``: (xor offset, live values) halving steps, then the ``bf`` xor offsets of a butterfly), so
-    lane ``lg`` of a row group ends with column ``lg / (lk/GQ)``'s dot. V phase: ``lv`` lanes per V row
-    (32 when Dv/4 >= 32, else 16), each owning ``ncv`` float4 output chunks. ``kvec`` / ``vvec``: rows
-    contiguous and every offset / stride a multiple of 4 elements (8/16-byte vector loads), else scalar
-    loads with strides."""
+
+def cuda_vec_layout(a: Attn, pl: Plan, stages: int | None = None) -> dict:
+    """Compile-time layout of the CUDA vec kernel (see templates/cuda/flash_attn.cu.j2).
+
+    KV tiles of ``T = 32`` positions stream into ``stages`` shared-memory stages (K ``[T][D + EK]``, V
+    ``[T][Dv + EV]``, rows padded by one 16-byte chunk: ``EK``/``EV`` = elements per 16 bytes) by
+    cp.async of ``kcp``/``vcp`` bytes (:func:`_copy_bytes`; 0 = element copies for strided rows, with
+    ``v_jfast`` when V's positions are the contiguous axis, e.g. a transposed V cache). ``stages``: as
+    many as fit :data:`CUDA_RING_BYTES` (2..4; 1 when one tile is larger). ``ring``: dynamic shared
+    memory bytes of the launch (the stages, or the end-of-kernel sum of the p.v position groups if
+    larger)."""
     gq = pl.g * pl.qr
-    d4, dv4 = a.D // 4, a.Dv // 4
-    lk = 8
-    while lk < 32 and lk * 2 <= d4 and gq * ceil_div(d4, lk) * 4 > 64:
-        lk *= 2
-    assert gq <= lk, (gq, lk)
-    rs, o, n = [], lk // 2, gq
-    while n > 1:
-        rs.append((o, n))
-        o, n = o // 2, n // 2
-    bf = []
-    while o >= 1:
-        bf.append(o)
-        o //= 2
-    lv = 32 if dv4 >= 32 else 16
+    ks, vs = a.k.dtype.size, a.v.dtype.size
+    ek, ev = 16 // ks, 16 // vs
     knb = elem_strides(a.k)
     v_sd, v_sj, v_s2, v_s3 = _vdims(a)
-    kvec = knb[0] == 1 and all(x % 4 == 0 for x in (elem_offset(a.k), knb[1], knb[2], knb[3]))
-    vvec = v_sd == 1 and all(x % 4 == 0 for x in (elem_offset(a.v), v_sj, v_s2, v_s3))
-    return {"g": pl.g, "gq": gq, "lk": lk, "nc": ceil_div(d4, lk), "rs": rs, "bf": bf, "lv": lv,
-            "ncv": ceil_div(dv4, lv), "kvec": kvec, "vvec": vvec, "nw": CUDA_WARPS,
+    kcp = _copy_bytes(ks, knb[0] == 1, (elem_offset(a.k), knb[1], knb[2], knb[3]))
+    vcp = _copy_bytes(vs, v_sd == 1, (elem_offset(a.v), v_sj, v_s2, v_s3))
+    stage = 32 * ((a.D + ek) * ks + (a.Dv + ev) * vs)
+    if stages is None:
+        stages = max(1, min(CUDA_MAX_STAGES, CUDA_RING_BYTES // stage))
+        if stages == 1 and 2 * stage <= CUDA_MAX_RING_BYTES:
+            stages = 2
+    npg = 128 // (a.Dv // ev)
+    ring = max(stages * stage, npg * gq * a.Dv * 4)
+    if ring > CUDA_MAX_RING_BYTES:
+        raise CodegenError(f"flash_attn: {stages} KV stages of {stage} bytes exceed the shared memory of a block")
+    return {"g": pl.g, "gq": gq, "stages": stages, "ring": ring, "kcp": kcp, "vcp": vcp,
+            "v_jfast": v_sj == 1 and v_sd != 1, "nw": CUDA_WARPS,
             "k_f16": a.k.dtype == F16, "v_f16": a.v.dtype == F16,
             "mask_f16": a.mask is not None and a.mask.dtype == F16}
 
@@ -480,7 +498,8 @@ def reduce_kernel(node: Tensor, a: Attn, pl: Plan, backend: str) -> Kernel:
 
 
 def emit_flash_attn_seq(node: Tensor, backend: str, *, kv_block: int | None = None, n_split: int | None = None,
-                        skip: bool = True, variant: str | None = None, rows: int | None = None) -> KernelSequence:
+                        skip: bool = True, variant: str | None = None, rows: int | None = None,
+                        stages: int | None = None) -> KernelSequence:
     """The kernel sequence of ``node`` (see the module docstring); keyword arguments as
     :func:`choose_plan`. Scratch: ``flags`` (i32, n_blocks * n_groups * m2 * m3) with skipping,
     ``blist`` (i32, lists * 2 * (n_blocks + 1)) with skipping on the CUDA vec kernel, ``partials`` (f32,
@@ -490,7 +509,8 @@ def emit_flash_attn_seq(node: Tensor, backend: str, *, kv_block: int | None = No
     FUSED node whose decomposition is not the attention chain."""
     a = attn_operands(node)
     _check(node, a)
-    pl = choose_plan(a, backend, kv_block=kv_block, n_split=n_split, skip=skip, variant=variant, rows=rows)
+    pl = choose_plan(a, backend, kv_block=kv_block, n_split=n_split, skip=skip, variant=variant, rows=rows,
+                     stages=stages)
     kernels: list[Kernel] = []
     scratch: list[Scratch] = []
     if pl.skip:
@@ -504,7 +524,8 @@ def emit_flash_attn_seq(node: Tensor, backend: str, *, kv_block: int | None = No
     kernels.append(main_kernel(node, a, pl, backend))
     if pl.split:
         scratch.append(Scratch("partials", 4 * a.n_q * a.n_head * a.n_seq * pl.n_split * (a.Dv + 2)))
-        kernels.append(reduce_kernel(node, a, pl, backend))
+        if not pl.fused_reduce:
+            kernels.append(reduce_kernel(node, a, pl, backend))
     return KernelSequence(node, kernels, scratch)
 
 
