@@ -78,14 +78,15 @@ def test_multi_sequence_flags_and_result(layout):
     off = run(y, vals, skip=False)
     assert nmse(out["dst"], off) <= 1e-10
     n_blocks = 4 * 96 // 32
-    want = np.where(np.arange(n_blocks)[None, :] * 32 // 96 == np.arange(4)[:, None], 2, 0)
-    np.testing.assert_array_equal(out["flags"][:4 * n_blocks].reshape(4, n_blocks), want)
-    # block lists L = z * 2 + hg (2 head groups of G = 4; z = the sequence in both layouts): count, then
-    # (block, flags of the 4 heads, 2 bits each) pairs: the own 3 blocks, every head's flag 2 (all zero)
+    # block lists L = z * 2 + hg (2 head groups of G = 4; z = the sequence in both layouts): count, ticket
+    # (one per split after the run), then (block, flags of the 4 heads, 2 bits each) pairs: the own 3
+    # blocks, every head's flag 2 (all zero); the other sequences' blocks (flag 0) are not listed
+    att = next(k for k in seq.kernels if k.meta["role"] == "attention")
     bl = out["blist"].reshape(8, 2 * (n_blocks + 1))
     for L in range(8):
         s = L // 2
         assert bl[L, 0] == 3 and list(bl[L, 2:8]) == [3 * s, 170, 3 * s + 1, 170, 3 * s + 2, 170], bl[L]
+        assert bl[L, 1] == (att.meta["n_split"] if att.meta["fused_reduce"] else 0)
 
 
 def test_prepass_flags_equal_numpy_for_tile_blocks():
@@ -165,8 +166,9 @@ def test_strided_k_and_v():
 
 
 def test_block_list_over_several_chunks(monkeypatch):
-    """The block-list kernel's loop over chunks of its threads (here 128 threads, 141 KV blocks: 2
-    chunks; on the device only past 32768 cells), a sliding window keeping a few blocks per list."""
+    """The listing pre-pass's loop over chunks of its threads (here 128 threads, 141 KV blocks: 2
+    chunks; on the device only past 32768 cells), a sliding window keeping a few blocks per list; the
+    packed flags equal numpy's (0 all -inf, 2 all zero, 1 mixed, over the cells < n_kv)."""
     from fusec.codegen.families import flash_attn as fa
 
     monkeypatch.setattr(fa, "BLOCK_LIST_MAX_THREADS", 128)
@@ -174,12 +176,14 @@ def test_block_list_over_several_chunks(monkeypatch):
     m = vals["mask"]
     m[:, :, :4000] = -np.inf  # only the last ~16 blocks visible, and random -inf blocks among them
     seq = emit_flash_attn_seq(y, "cuda")
-    bk = next(k for k in seq.kernels if k.meta["role"] == "blocklist")
-    assert bk.workgroup_size == (128, 1, 1)
+    bk = next(k for k in seq.kernels if k.meta["role"] == "prepass")
+    assert bk.meta["lists"] and bk.workgroup_size == (128, 1, 1)
     out = cuda_emu.run_sequence(seq, vals)
     check_against_interp(y, g, vals, out["dst"])
     n_blocks = -(-4500 // 32)
-    flags = out["flags"][:2 * n_blocks].reshape(2, n_blocks)  # [row group][block]
+    mf = np.asarray(m, np.float32)[0, :2]  # [row group = query row][cell]
+    flags = np.array([[0 if np.all(blk == -np.inf) else (2 if np.all(blk == 0) else 1)
+                       for blk in (mf[r, b * 32:(b + 1) * 32] for b in range(n_blocks))] for r in range(2)])
     bl = out["blist"].reshape(2, 2 * (n_blocks + 1))  # lists L = z (= row group) * 1 head group
     for r in range(2):
         want = np.flatnonzero(flags[r] != 0)  # G = 4 heads, one mask batch: the same flag 4 times

@@ -67,8 +67,11 @@ def module(k: Kernel):
     if k.dynamic_shared > STATIC_SHARED_LIMIT:
         cp = _cupy()
         try:
-            cp.cuda.driver.funcSetAttribute(fn.ptr, cp.cuda.driver.CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-                                            int(k.dynamic_shared))
+            if hasattr(fn, "max_dynamic_shared_size_bytes"):  # cupy.RawKernel
+                fn.max_dynamic_shared_size_bytes = int(k.dynamic_shared)
+            else:  # cupy.cuda.Function
+                cp.cuda.driver.funcSetAttribute(
+                    fn.ptr, cp.cuda.driver.CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, int(k.dynamic_shared))
         except Exception as e:
             raise BackendError(f"CUDA kernel '{k.entry}': {k.dynamic_shared} bytes of shared memory: {e}") from None
     return fn

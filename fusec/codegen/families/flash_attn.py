@@ -469,19 +469,22 @@ BLOCK_LIST_MAX_THREADS = 1024
 
 
 def block_list_kernel(node: Tensor, a: Attn, pl: Plan, backend: str) -> Kernel:
-    """CUDA vec with skipping: one workgroup per list ``L = (s * n_groups + grp) * (n_head / G) + hg``
-    writes, at ``blist[L * 2 * (n_blocks + 1)]``, ``count, 0`` and then, in ascending block order, the
-    pairs ``(b, sum_i flag_i << 2i)`` of the KV blocks b that some column of the attention block (G heads
-    x QR rows) does not skip (pre-pass flag != 0; ``flag_i`` of head ``hg*G + i``). Threads: n_blocks
-    rounded up to a power of two in 128..1024 (one pass over the flags up to 1024 blocks)."""
-    bindings = [Binding("flags", None, I32, scratch="flags"), Binding("blist", None, I32, write=True, scratch="blist")]
-    params = _common_params(a, pl)
+    """The CUDA vec kernel's mask pre-pass: one workgroup per list ``L = (s * n_groups + grp) * (n_head /
+    G) + hg`` computes the flag of every KV block for the G heads ``hg*G ..`` and the ``QR`` rows of row
+    group ``grp`` of sequence ``s`` from the mask (0 all ``-inf``, 2 all zero, 1 mixed; heads of one mask
+    batch share it) and writes, at ``blist[L * 2 * (n_blocks + 1)]``, ``count, 0`` (the attention
+    kernel's ticket counter) and then, in ascending block order, the pairs ``(b, sum_i flag_i << 2i)`` of
+    the KV blocks that some column does not skip. Threads: n_blocks rounded up to a power of two in
+    128..1024 (blocks are checked and compacted in chunks of that many)."""
+    assert a.mask is not None
+    bindings = [Binding("mask", a.mask, a.mask.dtype), Binding("blist", None, I32, write=True, scratch="blist")]
+    params = _common_params(a, pl) + _mask_params(a)
     threads = min(BLOCK_LIST_MAX_THREADS, max(128, _pow2_at_least(ceil_div(a.n_kv, pl.kb))))
-    entry = f"flash_attn_block_list_g{pl.g}_t{threads}"
+    entry = f"flash_attn_block_list_m{a.mask.dtype}_g{pl.g}_q{pl.qr}_t{threads}"
     src = _render(backend, kind="blocklist", entry=entry, node_name=node.name, bindings=bindings,
-                  elem_types=_types(backend, bindings), params=params, threads=threads, g=pl.g)
+                  elem_types=_types(backend, bindings), params=params, threads=threads, g=pl.g, qr=pl.qr, kb=pl.kb)
     return Kernel(backend, "flash_attn", entry, src, bindings, params, (threads, 1, 1),
-                  (pl.n_lists(a), 1, 1), node, {"role": "blocklist"})
+                  (pl.n_lists(a), 1, 1), node, {"role": "prepass", "lists": True})
 
 
 def reduce_kernel(node: Tensor, a: Attn, pl: Plan, backend: str) -> Kernel:
@@ -513,14 +516,14 @@ def emit_flash_attn_seq(node: Tensor, backend: str, *, kv_block: int | None = No
                      stages=stages)
     kernels: list[Kernel] = []
     scratch: list[Scratch] = []
-    if pl.skip:
+    if pl.block_list:  # CUDA vec: the pre-pass lists the blocks not skipped
+        scratch.append(Scratch("blist", 4 * pl.n_lists(a) * 2 * (ceil_div(a.n_kv, pl.kb) + 1)))
+        kernels.append(block_list_kernel(node, a, pl, backend))
+    elif pl.skip:
         assert a.mask is not None
         n = ceil_div(a.n_kv, pl.kb) * ceil_div(a.n_q, pl.qr) * int(a.mask.ne[2] * a.mask.ne[3])
         scratch.append(Scratch("flags", 4 * n))
         kernels.append(prepass_kernel(node, a, pl, backend))
-    if pl.block_list:
-        scratch.append(Scratch("blist", 4 * pl.n_lists(a) * 2 * (ceil_div(a.n_kv, pl.kb) + 1)))
-        kernels.append(block_list_kernel(node, a, pl, backend))
     kernels.append(main_kernel(node, a, pl, backend))
     if pl.split:
         scratch.append(Scratch("partials", 4 * a.n_q * a.n_head * a.n_seq * pl.n_split * (a.Dv + 2)))
