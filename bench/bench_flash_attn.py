@@ -29,7 +29,8 @@ fusec variants: ``fusec_skip`` (the default plan), ``fusec_noskip`` (no pre-pass
 the mask read), tuning probes that override ``flash_attn``'s constants for one plan: ``_st3`` / ``_st4``
 (3 / 4 cp.async K/V stages instead of what fits ``CUDA_RING_BYTES``), ``_bps8`` / ``_bps16`` / ``_bps64``
 (at most 8 / 16 / 64 KV blocks per split instead of ``CUDA_MAX_BPS``), ``_bpsm8`` (split for 8 blocks
-per SM instead of ``CUDA_BLOCKS_PER_SM``), and ``fusec_ggml_layout`` (4seq only). GB/s = visible K/V bytes (the cells some query may see, K and V,
+per SM instead of ``CUDA_BLOCKS_PER_SM``; ``_bpsm2``: 2), ``_minbps8`` / ``_minbps16`` (at least 8 / 16 KV
+blocks per split instead of ``CUDA_MIN_BPS``), and ``fusec_ggml_layout`` (4seq only). GB/s = visible K/V bytes (the cells some query may see, K and V,
 every KV head) over time; ``% copy`` = that over the copy ceiling. The JSON (``--out``) is rewritten
 after every case. About a minute on an H200 without ``--flex``.
 
@@ -175,7 +176,9 @@ FUSEC_VARIANTS = [("fusec_skip", "seq", True, None), ("fusec_noskip", "seq", Fal
                   ("fusec_skip_bps16", "seq", True, {"CUDA_MAX_BPS": 16}),
                   ("fusec_skip_bps64", "seq", True, {"CUDA_MAX_BPS": 64}),
                   ("fusec_skip_bpsm8", "seq", True, {"CUDA_BLOCKS_PER_SM": 8}),
-                  ("fusec_skip_bpsm8_st3", "seq", True, {"CUDA_BLOCKS_PER_SM": 8, "CUDA_RING_BYTES": 3 * _STAGE}),
+                  ("fusec_skip_minbps8", "seq", True, {"CUDA_MIN_BPS": 8}),
+                  ("fusec_skip_minbps16", "seq", True, {"CUDA_MIN_BPS": 16, "CUDA_MAX_BPS": 64}),
+                  ("fusec_skip_bpsm2", "seq", True, {"CUDA_BLOCKS_PER_SM": 2}),
                   ("fusec_ggml_layout", "ggml", True, None)]
 
 

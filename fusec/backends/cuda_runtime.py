@@ -53,18 +53,18 @@ def _function(source: str, entry: str):
         raise BackendError(f"CUDA kernel '{entry}' failed to compile: {e}") from None
 
 
-STATIC_SHARED_LIMIT = 48 * 1024  # dynamic shared memory above this needs the function attribute (opt-in)
+_max_dynamic: dict[int, int] = {}  # id(cached function) -> dynamic shared memory bytes allowed so far
 
 
 def module(k: Kernel):
-    """The compiled ``cupy.RawKernel`` for ``k`` (cached by source text and entry point); a kernel
-    launched with more than 48 KiB of dynamic shared memory (``k.dynamic_shared``) gets its
-    ``CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES`` raised. Launch it with
-    ``shared_mem=k.dynamic_shared``."""
+    """The compiled ``cupy.RawKernel`` for ``k`` (cached by source text and entry point); a kernel with
+    dynamic shared memory (``k.dynamic_shared`` bytes; with its static shared memory it may pass the
+    48 KiB default) gets ``CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES`` raised to it. Launch it
+    with ``shared_mem=k.dynamic_shared``."""
     if k.backend != "cuda":
         raise BackendError(f"cuda_runtime runs CUDA kernels, got a {k.backend} kernel")
     fn = _function(k.source, k.entry)
-    if k.dynamic_shared > STATIC_SHARED_LIMIT:
+    if k.dynamic_shared > 0 and _max_dynamic.get(id(fn), 0) < k.dynamic_shared:  # static + dynamic may pass 48 KiB
         cp = _cupy()
         try:
             if hasattr(fn, "max_dynamic_shared_size_bytes"):  # cupy.RawKernel
@@ -74,6 +74,7 @@ def module(k: Kernel):
                     fn.ptr, cp.cuda.driver.CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, int(k.dynamic_shared))
         except Exception as e:
             raise BackendError(f"CUDA kernel '{k.entry}': {k.dynamic_shared} bytes of shared memory: {e}") from None
+        _max_dynamic[id(fn)] = k.dynamic_shared
     return fn
 
 
@@ -145,4 +146,4 @@ def run_kernel(k: Kernel, arrays: Mapping[str, np.ndarray]) -> dict[str, np.ndar
     return {b.name: cp.asnumpy(buf) for b, buf in zip(k.bindings, bufs, strict=True) if b.write}
 
 
-__all__ = ["STATIC_SHARED_LIMIT", "available", "launch", "module", "pack_params", "params_array", "params_value", "run_kernel"]
+__all__ = ["available", "launch", "module", "pack_params", "params_array", "params_value", "run_kernel"]

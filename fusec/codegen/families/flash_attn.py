@@ -480,9 +480,13 @@ def block_list_kernel(node: Tensor, a: Attn, pl: Plan, backend: str) -> Kernel:
     bindings = [Binding("mask", a.mask, a.mask.dtype), Binding("blist", None, I32, write=True, scratch="blist")]
     params = _common_params(a, pl) + _mask_params(a)
     threads = min(BLOCK_LIST_MAX_THREADS, max(128, _pow2_at_least(ceil_div(a.n_kv, pl.kb))))
-    entry = f"flash_attn_block_list_m{a.mask.dtype}_g{pl.g}_q{pl.qr}_t{threads}"
+    per16 = 16 // a.mask.dtype.size  # mask rows 16-byte aligned: each block's entries as 16-byte loads
+    mnb = elem_strides(a.mask)
+    mvec = all(x % per16 == 0 for x in (elem_offset(a.mask), mnb[1], mnb[2], mnb[3]))
+    entry = f"flash_attn_block_list_m{a.mask.dtype}_g{pl.g}_q{pl.qr}_t{threads}{'_mv' if mvec else ''}"
     src = _render(backend, kind="blocklist", entry=entry, node_name=node.name, bindings=bindings,
-                  elem_types=_types(backend, bindings), params=params, threads=threads, g=pl.g, qr=pl.qr, kb=pl.kb)
+                  elem_types=_types(backend, bindings), params=params, threads=threads, g=pl.g, qr=pl.qr, kb=pl.kb,
+                  mask_f16=a.mask.dtype == F16, mvec=mvec)
     return Kernel(backend, "flash_attn", entry, src, bindings, params, (threads, 1, 1),
                   (pl.n_lists(a), 1, 1), node, {"role": "prepass", "lists": True})
 
