@@ -26,11 +26,11 @@ L2 flushed between repetitions) of the CUDA graph replay (fusec), of each fusec 
   + written over time).
 
 fusec variants: ``fusec_skip`` (the default plan), ``fusec_noskip`` (no pre-pass: every block loaded,
-the mask read), tuning probes that override ``flash_attn``'s constants for one plan: ``_st3`` / ``_st4``
-(3 / 4 cp.async K/V stages instead of what fits ``CUDA_RING_BYTES``), ``_bps8`` / ``_bps16`` / ``_bps64``
-(at most 8 / 16 / 64 KV blocks per split instead of ``CUDA_MAX_BPS``), ``_bpsm8`` (split for 8 blocks
-per SM instead of ``CUDA_BLOCKS_PER_SM``; ``_bpsm2``: 2), ``_minbps8`` / ``_minbps16`` (at least 8 / 16 KV
-blocks per split instead of ``CUDA_MIN_BPS``), and ``fusec_ggml_layout`` (4seq only). GB/s = visible K/V bytes (the cells some query may see, K and V,
+the mask read), tuning probes that override ``flash_attn``'s constants for one plan: ``_st3`` (3
+cp.async K/V stages instead of what fits ``CUDA_RING_BYTES``), ``_bps16`` (at most 16 KV blocks per split
+instead of ``CUDA_MAX_BPS``), ``_minbps8`` (at least 8 instead of ``CUDA_MIN_BPS``), ``_bpsm2`` (split for 2
+blocks per SM instead of ``CUDA_BLOCKS_PER_SM``), ``_w8`` / ``_w16`` (8 / 16 warps per block instead of
+``CUDA_VEC_WARPS``), and ``fusec_ggml_layout`` (4seq only). GB/s = visible K/V bytes (the cells some query may see, K and V,
 every KV head) over time; ``% copy`` = that over the copy ceiling. The JSON (``--out``) is rewritten
 after every case. About a minute on an H200 without ``--flex``.
 
@@ -171,14 +171,13 @@ def nmse(out, ref) -> float:
 _STAGE = 32 * (128 + 8) * 2 * 2  # one K + V tile of the CUDA vec kernel (f16, D = Dv = 128, padded rows)
 FUSEC_VARIANTS = [("fusec_skip", "seq", True, None), ("fusec_noskip", "seq", False, None),
                   ("fusec_skip_st3", "seq", True, {"CUDA_RING_BYTES": 3 * _STAGE}),
-                  ("fusec_skip_st4", "seq", True, {"CUDA_RING_BYTES": 4 * _STAGE}),
-                  ("fusec_skip_bps8", "seq", True, {"CUDA_MAX_BPS": 8}),
                   ("fusec_skip_bps16", "seq", True, {"CUDA_MAX_BPS": 16}),
-                  ("fusec_skip_bps64", "seq", True, {"CUDA_MAX_BPS": 64}),
-                  ("fusec_skip_bpsm8", "seq", True, {"CUDA_BLOCKS_PER_SM": 8}),
                   ("fusec_skip_minbps8", "seq", True, {"CUDA_MIN_BPS": 8}),
-                  ("fusec_skip_minbps16", "seq", True, {"CUDA_MIN_BPS": 16, "CUDA_MAX_BPS": 64}),
                   ("fusec_skip_bpsm2", "seq", True, {"CUDA_BLOCKS_PER_SM": 2}),
+                  ("fusec_skip_w8", "seq", True, {"CUDA_VEC_WARPS": 8}),
+                  ("fusec_skip_w8_minbps8", "seq", True, {"CUDA_VEC_WARPS": 8, "CUDA_MIN_BPS": 8}),
+                  ("fusec_skip_w8_bpsm2", "seq", True, {"CUDA_VEC_WARPS": 8, "CUDA_BLOCKS_PER_SM": 2}),
+                  ("fusec_skip_w16", "seq", True, {"CUDA_VEC_WARPS": 16}),
                   ("fusec_ggml_layout", "ggml", True, None)]
 
 

@@ -54,9 +54,11 @@ KV_BLOCK = {"wgsl": 64, "cuda": 32, "msl": 32}
 VEC_MAX_ROWS = 8
 REDUCE_THREADS = 64
 TARGET_WORKGROUPS = 128  # flash-decoding (WGSL/MSL vec): split the KV range until about this many workgroups run
-# CUDA vec kernel (templates/cuda/flash_attn.cu.j2): CUDA_WARPS warps per block, each walking whole KV blocks of 32
-# positions; a block holds the q rows of CUDA_GQ_MAX (head, row) columns of one GQA group in registers.
+# CUDA: CUDA_WARPS warps per block of the mask pre-pass of the tile variant (a warp per KV block); the vec (decode)
+# kernel runs CUDA_VEC_WARPS warps over KV tiles of 32 positions streamed through shared memory, and a block holds
+# the q rows of up to CUDA_GQ_MAX (head, row) columns of one GQA group.
 CUDA_WARPS = 4
+CUDA_VEC_WARPS = 4
 CUDA_GQ_MAX = 8
 CUDA_SMS = 132  # H200; the split heuristic aims at CUDA_BLOCKS_PER_SM blocks per SM
 CUDA_BLOCKS_PER_SM = 4
@@ -195,7 +197,7 @@ class Plan:
 
     @property
     def threads(self) -> int:
-        return 32 * CUDA_WARPS if self.cuda_vec else self.kb
+        return 32 * CUDA_VEC_WARPS if self.cuda_vec else self.kb
 
     @property
     def block_list(self) -> bool:
@@ -455,12 +457,12 @@ def cuda_vec_layout(a: Attn, pl: Plan, stages: int | None = None) -> dict:
         stages = max(1, min(CUDA_MAX_STAGES, CUDA_RING_BYTES // stage))
         if stages == 1 and 2 * stage <= CUDA_MAX_RING_BYTES:
             stages = 2
-    npg = 128 // (a.Dv // ev)
+    npg = 32 * CUDA_VEC_WARPS // (a.Dv // ev)
     ring = max(stages * stage, npg * gq * a.Dv * 4)
     if ring > CUDA_MAX_RING_BYTES:
         raise CodegenError(f"flash_attn: {stages} KV stages of {stage} bytes exceed the shared memory of a block")
     return {"g": pl.g, "gq": gq, "stages": stages, "ring": ring, "kcp": kcp, "vcp": vcp,
-            "v_jfast": v_sj == 1 and v_sd != 1, "nw": CUDA_WARPS,
+            "v_jfast": v_sj == 1 and v_sd != 1, "nw": CUDA_VEC_WARPS,
             "k_f16": a.k.dtype == F16, "v_f16": a.v.dtype == F16,
             "mask_f16": a.mask is not None and a.mask.dtype == F16}
 
