@@ -1,6 +1,6 @@
 """Decode flash attention on the GPU machine: fusec's CUDA kernel sequence (mask pre-pass, split-KV
 vec attention, reduction) with and without masked-block skipping, next to PyTorch SDPA and the copy
-ceiling.
+ceiling, and (``--wgsl``) fusec's WGSL kernel sequence through wgpu on the same GPU.
 
 Cases (f16 K/V, 32 query heads, 8 KV heads, head size 128, one query token per sequence):
 
@@ -31,12 +31,32 @@ cp.async K/V stages instead of what fits ``CUDA_RING_BYTES``), ``_bps16`` (at mo
 instead of ``CUDA_MAX_BPS``), ``_minbps8`` (at least 8 instead of ``CUDA_MIN_BPS``), ``_bpsm2`` (split for 2
 blocks per SM instead of ``CUDA_BLOCKS_PER_SM``), ``_w8`` / ``_w16`` (8 / 16 warps per block instead of
 ``CUDA_VEC_WARPS``), and ``fusec_ggml_layout`` (4seq only). GB/s = visible K/V bytes (the cells some query may see, K and V,
-every KV head) over time; ``% copy`` = that over the copy ceiling. The JSON (``--out``) is rewritten
+every KV head) over time; ``% copy`` = that over the (CUDA) copy ceiling. The JSON (``--out``) is rewritten
 after every case. About a minute on an H200 without ``--flex``.
 
-Usage: python bench/bench_flash_attn.py --out results.json [--all] [--flex] [--dry]
+WGSL rows (``--wgsl``, issue #4: WGSL within 2x of the CUDA kernel): the same graph (``seq`` layout),
+``emit_flash_attn_seq(node, "wgsl")`` -- the sequence :class:`fusec.backends.wgpu_backend.WgpuExecutable`
+dispatches (pre-pass + attention + reduce, as the plan has them) -- on wgpu storage buffers (q, k, v,
+mask uploaded, scratch bound as the sequence names it), checked first against the float64 reference
+(output NaN-poisoned, the same nmse bound), then timed with ``fusec.bench.measure_wgpu.WgpuTimer``
+(timestamp queries around one compute pass holding the whole sequence, a 256 MiB ``clear_buffer``
+before each repetition as L2 flush, median of 30; the GPU spun up first with 2 s of WGSL copy passes):
+
+* ``wgsl_skip``: the default WGSL plan (mask pre-pass, masked blocks skipped);
+* ``wgsl_noskip``: ``skip=False`` (no pre-pass, every block loaded, the mask read).
+
+Their ``kernels`` column times each WGSL kernel alone (one dispatch per pass, flushed). The case entry
+gets ``wgsl_vs_cuda`` = t(``wgsl_skip``) / t(``fusec_skip``); the JSON's ``wgsl`` object records the
+adapter (``wgpu_runtime`` asks for ``power_preference="high-performance"``: the discrete GPU), the
+timing method and the WGSL copy ceiling. Without wgpu-py or a WebGPU adapter, on a CPU adapter, or
+without ``shader-f16`` the rows are skipped with a note (``wgsl.skip`` in the JSON). The Vulkan
+driver is the caller's (``VK_DRIVER_FILES``). Adds a few seconds to a run on the H200.
+
+Usage: python bench/bench_flash_attn.py --out results.json [--all] [--flex] [--wgsl] [--dry]
 ``--dry`` (no GPU needed) builds every case at a tiny size and checks the reference against fusec's
-interpreter and that the fusec graphs emit their CUDA kernel sequences.
+interpreter and that the fusec graphs emit their CUDA (and WGSL) kernel sequences, printing the
+full-size plans; ``--dry --wgsl`` also runs the WGSL sequences (skip and no skip) at the tiny size on
+the local wgpu adapter (lavapipe on a CPU) against the reference: correctness only, no timing.
 """
 
 from __future__ import annotations
@@ -205,12 +225,148 @@ def split_bounds(over: dict | None):
 
 
 # ---------------------------------------------------------------------------------------------------
-def dry() -> int:
-    """Tiny cases: reference (numpy) vs the interpreter, and the CUDA sequences emit."""
+# WGSL (wgpu-py over Vulkan: the NVIDIA driver on the GPU machine, lavapipe on a CPU)
+WGSL_VARIANTS = [("wgsl_skip", True), ("wgsl_noskip", False)]
+WGSL_SPIN_UP_S = 2.0  # seconds of copy passes before the first WGSL timing (the GPU leaves its idle clocks)
+
+
+def wgsl_setup(timing: bool) -> tuple[dict, object | None]:
+    """The wgpu device (``wgpu_runtime``'s: ``power_preference="high-performance"``, so the discrete
+    GPU) and, with ``timing``, a :class:`fusec.bench.measure_wgpu.WgpuTimer` after a spin-up with the
+    WGSL copy kernel, whose ceiling is recorded. Returns (meta for the JSON, timer or None); meta has
+    ``"skip"`` (a note) when wgpu-py or a WebGPU adapter is missing, when the device lacks
+    ``shader-f16``, or (with ``timing``) when the adapter is a CPU (lavapipe: no GPU numbers)."""
+    try:
+        import wgpu  # noqa: PLC0415
+
+        from fusec.backends import wgpu_runtime as rt  # noqa: PLC0415
+    except Exception as e:  # noqa: BLE001
+        return {"skip": f"wgpu-py not importable ({type(e).__name__}: {e})"}, None
+    if not rt.available():
+        return {"skip": "no WebGPU adapter (wgpu found no Vulkan/Metal/DX12 device; check VK_DRIVER_FILES)"}, None
+    info = rt.adapter_info()
+    dev = rt.device()
+    meta = {"wgpu": wgpu.__version__, "adapter": info.get("device"), "adapter_info": info,
+            "power_preference": "high-performance", "features": sorted(str(f) for f in dev.features),
+            "max_storage_buffer_binding_size": dev.limits.get("max-storage-buffer-binding-size")}
+    if not rt.has_feature("shader-f16"):
+        meta["skip"] = f"adapter {info.get('device')!r} has no shader-f16 (f16 K/V)"
+        return meta, None
+    if not timing:
+        return meta, None
+    if info.get("adapter_type") == "CPU":
+        meta["skip"] = f"CPU adapter {info.get('device')!r} (not the GPU; no WGSL timing at full size)"
+        return meta, None
+    from fusec.bench.measure_wgpu import FLUSH_BYTES, WgpuTimer, copy_kernel, timestamp_period  # noqa: PLC0415
+
+    notes: list[str] = []
+    timer = WgpuTimer(notes, FLUSH_BYTES)
+    nbytes = min(256 << 20, meta["max_storage_buffer_binding_size"] or (128 << 20)) // 16 * 16
+    k = copy_kernel(nbytes)
+    src, dst = rt.storage_buffer(k.param("n4") * 16), rt.storage_buffer(k.param("n4") * 16)
+    disp = [(rt.pipeline(k), rt.bind_group(k, [src, dst], rt.uniform_buffer(rt.pack_params(k))), k.grid)]
+    timer.spin_up(disp, WGSL_SPIN_UP_S)
+    t_us = timer(disp)
+    src.destroy()
+    dst.destroy()
+    meta.update(timing=timer.method, timestamp_period_ns=timestamp_period(), notes=notes,
+                spin_up=f"{WGSL_SPIN_UP_S:g} s of WGSL copy passes before the first case",
+                copy_ceiling_gbs=2 * nbytes / (t_us * 1e-6) / 1e9,
+                copy_ceiling=f"fusec.bench.measure_wgpu's WGSL vec4 copy, {nbytes >> 20} MiB read + written")
+    return meta, timer
+
+
+class WgslSeq:
+    """One FLASH_ATTN_EXT node's WGSL kernel sequence (``emit_flash_attn_seq(node, "wgsl", skip=skip)``,
+    what :class:`fusec.backends.wgpu_backend.WgpuExecutable` dispatches for the node, ``skip=False``
+    dropping the pre-pass) on storage buffers: q / k / v / mask uploaded, the output NaN-filled,
+    scratch (flags, partials) zeroed; :attr:`dispatches` as ``measure_wgpu.encode_pass`` takes them."""
+
+    def __init__(self, c: Case, vals: dict[str, np.ndarray], layout: str, skip: bool):
+        from fusec.backends import wgpu_runtime as rt  # noqa: PLC0415
+        from fusec.codegen import _load_families  # noqa: PLC0415
+        from fusec.codegen.families.flash_attn import emit_flash_attn_seq  # noqa: PLC0415
+
+        _load_families()
+        g, self.y = build(c, layout)
+        self.seq = emit_flash_attn_seq(self.y, "wgsl", skip=skip)
+        feed = dict(fusec_inputs(vals, layout), k=vals["k"], v=vals["v"])
+        if "mask" in vals:
+            feed["mask"] = vals["mask"]
+        self.bufs: dict[str, object] = {}
+        for t in g.leaves:
+            data = np.ascontiguousarray(feed[t.name], t.dtype.np).tobytes()
+            self.bufs[t.name] = rt.storage_buffer(t.span_bytes, data)
+        r = self.y.root
+        self.out_buf = rt.storage_buffer(r.span_bytes)
+        self.scratch = {sc.name: rt.storage_buffer(sc.nbytes, bytes(-(-sc.nbytes // 4) * 4)) for sc in self.seq.scratch}
+        self.dispatches = []
+        for k in self.seq.kernels:
+            bufs = [self.scratch[b.scratch] if b.scratch is not None
+                    else self.out_buf if b.tensor.root is r else self.bufs[b.tensor.root.name] for b in k.bindings]
+            group = rt.bind_group(k, bufs, rt.uniform_buffer(rt.pack_params(k)))
+            self.dispatches.append((rt.pipeline(k), group, k.grid))
+
+    def run(self) -> np.ndarray:
+        """NaN-poison the output, run the sequence in one compute pass, read the output back."""
+        from fusec.backends import wgpu_runtime as rt  # noqa: PLC0415
+        from fusec.bench.measure_wgpu import encode_pass  # noqa: PLC0415
+
+        r = self.y.root
+        dev = rt.device()
+        dev.queue.write_buffer(self.out_buf, 0, np.full(r.span_bytes // 4, np.nan, np.float32).tobytes())
+        enc = dev.create_command_encoder()
+        encode_pass(enc, self.dispatches)
+        dev.queue.submit([enc.finish()])
+        return np.frombuffer(rt.read_buffer(self.out_buf, r.span_bytes), np.float32)
+
+    def destroy(self) -> None:
+        for b in [*self.bufs.values(), self.out_buf, *self.scratch.values()]:
+            b.destroy()
+        self.bufs, self.scratch, self.dispatches = {}, {}, []
+
+
+def run_wgsl(timer, c: Case, vals, ref, name: str, skip: bool, layout: str = "seq") -> dict:
+    """Check one WGSL variant against ``ref`` (NaN-poisoned output, nmse <= :data:`NMSE_BOUND`) and,
+    with a ``timer`` (``WgpuTimer``), time the whole sequence in one compute pass and each kernel alone
+    (``t_s`` in seconds, kernels' ``us``)."""
+    ws = WgslSeq(c, vals, layout, skip)
+    try:
+        got = ws.run().reshape(c.n_seq, N_HEAD, D)  # ne [Dv, H, 1, S] (seq) or [Dv, H, S, 1] (ggml)
+        err = nmse(got, ref)
+        res = {"name": name, "layout": layout, "skip": skip, "nmse": err, "nan": bool(np.isnan(got).any()),
+               "kernels": [{"entry": k.entry, "role": k.meta.get("role"), "grid": list(k.grid),
+                            "block": list(k.workgroup_size)} for k in ws.seq.kernels]}
+        if res["nan"] or err > NMSE_BOUND:
+            res["error"] = f"wrong result: nmse {err:.3e}, nan {res['nan']}"
+            return res
+        if timer is None:
+            return res
+        res["t_s"] = timer(ws.dispatches) * 1e-6
+        for d, kd in zip(ws.dispatches, res["kernels"], strict=True):
+            kd["us"] = timer([d])
+        return res
+    finally:
+        ws.destroy()
+
+
+# ---------------------------------------------------------------------------------------------------
+def dry(wgsl: bool = False) -> int:
+    """Tiny cases: reference (numpy) vs the interpreter, and the CUDA sequences emit. With ``wgsl``
+    also the WGSL sequences (skip and no skip) run on the wgpu adapter (lavapipe on a CPU) against
+    the reference: correctness only (a note, not a failure, when wgpu / an adapter is missing)."""
     from fusec.backends.cuda_backend import _sequence
     from fusec.interp import interpret
 
     ok = True
+    if wgsl:
+        meta, _ = wgsl_setup(timing=False)
+        if "skip" in meta:
+            print(f"wgsl: skipped: {meta['skip']}")
+            wgsl = False
+        else:
+            print(f"wgsl: adapter {meta['adapter']!r} ({meta['adapter_info'].get('adapter_type')}, "
+                  f"{meta['adapter_info'].get('backend_type')})")
     for c in cases(scale=64, all_cases=True):
         vals = data(c, 1)
         ref = reference(np, vals)
@@ -227,11 +383,24 @@ def dry() -> int:
             print(f"{c.name:8s} {name:18s} nmse(interp, ref)={e:.2e} kernels={roles} "
                   f"grids={[k.grid for k in seq.kernels]}")
             ok &= e <= 1e-10
+        if wgsl:
+            for name, skip in WGSL_VARIANTS:
+                r = run_wgsl(None, c, vals, ref, name, skip)
+                print(f"{c.name:8s} {name:18s} nmse(wgsl, ref)={r['nmse']:.2e} nan={r['nan']} "
+                      f"kernels={[k['role'] for k in r['kernels']]} grids={[k['grid'] for k in r['kernels']]}"
+                      + (f"  ERROR {r['error']}" if "error" in r else ""))
+                ok &= "error" not in r
     for c in cases(all_cases=True):  # the full-size plans (codegen only)
         for name, layout, skip, bps in variants_for(c):
             with split_bounds(bps):
                 seq = _sequence(build(c, layout)[1], skip)
             print(f"full size {c.name:8s} {name:18s} grids={[k.grid for k in seq.kernels]}")
+        for name, skip in WGSL_VARIANTS:
+            from fusec.codegen.families.flash_attn import emit_flash_attn_seq
+
+            seq = emit_flash_attn_seq(build(c, "seq")[1], "wgsl", skip=skip)
+            print(f"full size {c.name:8s} {name:18s} grids={[k.grid for k in seq.kernels]} "
+                  f"scratch={[(sc.name, sc.nbytes) for sc in seq.scratch]}")
     print("dry:", "ok" if ok else "FAILED")
     return 0 if ok else 1
 
@@ -365,9 +534,11 @@ def main() -> int:
     ap.add_argument("--dry", action="store_true", help="tiny CPU-only checks (no GPU)")
     ap.add_argument("--all", action="store_true", help="also the swa and single (no mask) cases")
     ap.add_argument("--flex", action="store_true", help="also torch.compile(flex_attention) (slow to compile)")
+    ap.add_argument("--wgsl", action="store_true",
+                    help="also fusec's WGSL sequence through wgpu (Vulkan); with --dry: on lavapipe, correctness only")
     args = ap.parse_args()
     if args.dry:
-        return dry()
+        return dry(wgsl=args.wgsl)
     import cupy as cp
     import torch
     from triton.testing import do_bench
@@ -383,6 +554,18 @@ def main() -> int:
            "shape": {"D": D, "n_head": N_HEAD, "n_head_kv": N_HEAD_KV, "kv": "f16", "q_fusec": "f32",
                      "q_torch": "f16"}, "cases": []}
     print(f"copy ceiling {ceiling:.0f} GB/s", flush=True)
+    wtimer = None
+    if args.wgsl:
+        try:
+            wmeta, wtimer = wgsl_setup(timing=True)
+        except Exception as e:  # noqa: BLE001
+            wmeta = {"skip": f"wgpu setup failed: {type(e).__name__}: {e}", "tb": traceback.format_exc()[-1500:]}
+        doc["wgsl"] = wmeta
+        if wtimer is None:
+            print(f"wgsl: skipped: {wmeta.get('skip')}", flush=True)
+        else:
+            print(f"wgsl: adapter {wmeta['adapter']!r}, WGSL copy ceiling {wmeta['copy_ceiling_gbs']:.0f} GB/s",
+                  flush=True)
     for c in cases(all_cases=args.all):
         vals = data(c)
         ref = cp.asnumpy(reference(cp, vals))
@@ -395,6 +578,13 @@ def main() -> int:
                 rows.append(run_fusec(cp, timeit, c, vals, ref, name, layout, skip, bps))
             except Exception as e:  # noqa: BLE001
                 rows.append({"name": name, "error": f"{type(e).__name__}: {e}", "tb": traceback.format_exc()[-1500:]})
+        if wtimer is not None:
+            for name, skip in WGSL_VARIANTS:
+                try:
+                    rows.append(run_wgsl(wtimer, c, vals, ref, name, skip))
+                except Exception as e:  # noqa: BLE001
+                    rows.append({"name": name, "error": f"{type(e).__name__}: {e}",
+                                 "tb": traceback.format_exc()[-1500:]})
         rows += run_torch(torch, timeit, c, vals, ref, with_flex=args.flex)
         rows.append({"name": "copy_ideal", "t_s": vb / (ceiling * 1e9)})
         own = next((r["t_s"] for r in rows if r["name"] == "sdpa_own" and "t_s" in r), None)
@@ -405,6 +595,9 @@ def main() -> int:
                 r["pct_copy"] = 100 * r["gbs"] / ceiling
                 if own:
                     r["vs_sdpa_own"] = own / r["t_s"]
+        t_of = {r["name"]: r["t_s"] for r in rows if "t_s" in r}
+        if "wgsl_skip" in t_of and "fusec_skip" in t_of:
+            entry["wgsl_vs_cuda"] = t_of["wgsl_skip"] / t_of["fusec_skip"]
         entry["results"] = rows
         doc["cases"].append(entry)
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
@@ -418,6 +611,8 @@ def main() -> int:
                       f"{r.get('vs_sdpa_own', float('nan')):6.2f} {r.get('nmse', float('nan')):8.1e}  {ks}")
             else:
                 print(f"  {r['name']:18s} ERROR {r.get('error')}")
+        if "wgsl_vs_cuda" in entry:
+            print(f"  wgsl_skip / fusec_skip = {entry['wgsl_vs_cuda']:.2f}x (issue #4 goal: <= 2)")
     print(f"\ntotal {time.perf_counter() - t_start:.0f} s")
     return 0
 

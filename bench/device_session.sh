@@ -28,7 +28,7 @@ case $part in
   tests)
     nvidia-smi --query-gpu=name,driver_version --format=csv,noheader > "$out/$day-h200-gpu.txt" 2>&1
     step cuda-tests 240 python3 -m pytest -q -m cuda -p no:cacheprovider --continue-on-collection-errors -rfE
-    step flash-attn 150 python3 bench/bench_flash_attn.py --all --flex --out "$out/$day-h200-flash-attn.json"
+    step flash-attn 200 python3 bench/bench_flash_attn.py --all --flex --wgsl --out "$out/$day-h200-flash-attn.json"
     step run-cuda 90 python3 -m fusec run --model smollm2-135m --backend cuda --tokens 4 --verify --stats
     ;;
   harness)
