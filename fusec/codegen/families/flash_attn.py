@@ -53,7 +53,8 @@ HEAD_SIZES = (64, 80, 96, 128, 256)
 KV_BLOCK = {"wgsl": 64, "cuda": 32, "msl": 32}
 VEC_MAX_ROWS = 8
 REDUCE_THREADS = 64
-TARGET_WORKGROUPS = 128  # flash-decoding (WGSL/MSL vec): split the KV range until about this many workgroups run
+TARGET_WORKGROUPS = 2048  # flash-decoding (WGSL/MSL vec): split the KV range until about this many workgroups run
+# (a GPU of 100+ compute units with masked splits exiting early: 4 sequences in a unified cache leave 3/4 idle)
 # CUDA: CUDA_WARPS warps per block of the mask pre-pass of the tile variant (a warp per KV block); the vec (decode)
 # kernel runs CUDA_VEC_WARPS warps over KV tiles of 32 positions streamed through shared memory, and a block holds
 # the q rows of up to CUDA_GQ_MAX (head, row) columns of one GQA group.
