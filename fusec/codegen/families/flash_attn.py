@@ -19,11 +19,11 @@ A node is computed by a :class:`~fusec.codegen.kernel.KernelSequence` (:func:`em
    ``out = sum_i e^(M_i - M) acc_i / sum_i e^(M_i - M) S_i`` (0 when the sum is 0).
 
 On CUDA the decode (``vec``) path is its own design (``templates/cuda/flash_attn.cu.j2``, see
-:func:`cuda_vec_layout` and docs/flash-attention.md): one query row per row group, a
-``flash_attn_block_list`` kernel after the pre-pass listing the blocks not skipped, an attention
-kernel of 4 warps per (split, GQA head group, row group x sequence) walking whole KV blocks with the q
-of all the group's heads in registers (coalesced K/V rows, reduce-scattered dots, per-warp online
-softmax), and its own reduction.
+:func:`cuda_vec_layout` and docs/flash-attention.md): one query row per row group; the pre-pass
+computes the flags and lists, per (GQA head group, row group, sequence), the KV blocks not skipped
+(``flash_attn_block_list``, role ``prepass``); the attention kernel streams its share of the listed
+32-position tiles through shared memory with cp.async (the q of all the group's heads in shared
+memory), and the last split of each list to finish combines the partials (no reduction kernel).
 
 :func:`emit_flash_attn` (the registered single-kernel form, what :func:`fusec.codegen.emit` returns)
 is the attention kernel without pre-pass or split, writing the result directly: correct on its own
@@ -62,10 +62,10 @@ CUDA_WARPS = 4
 CUDA_VEC_WARPS = 4
 CUDA_GQ_MAX = 8
 CUDA_SMS = 132  # H200; the split heuristic aims at CUDA_BLOCKS_PER_SM blocks per SM
-CUDA_BLOCKS_PER_SM = 4
-CUDA_MIN_BPS, CUDA_MAX_BPS = 4, 32  # KV blocks per split: >= one per warp, <= eight per warp
-# H200 (bench/results/2026-11-21-h200-flash-attn-v2.json): 4 sequences x 8192 cells in a 32768-cell
-# cache, upper bound 8 / 16 / 32 / 64 -> 167 / 107 / 96 / 106 us; 1 sequence x 4096: 28 us for all.
+CUDA_BLOCKS_PER_SM = 2
+CUDA_MIN_BPS, CUDA_MAX_BPS = 4, 32  # KV tiles per split
+# H200 probes (bench/results/2026-11-21-h200-flash-attn-v3.json): 2 blocks per SM as good as 4 on 4seq / 1seq4096 /
+# single and 1.3x faster on swa; 8 or 16 warps per block and 3-4 stages slower than 4 warps, 2 stages.
 CUDA_REDUCE_THREADS = 128
 CUDA_RING_BYTES = 48 * 1024  # K/V stages of the CUDA vec kernel: as many (<= CUDA_MAX_STAGES) as fit this
 CUDA_MAX_STAGES = 4
