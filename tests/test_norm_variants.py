@@ -1,0 +1,169 @@
+"""The CUDA norm_epilogue candidates of the bench sweep (``fusec.bench.norm_variants``) and the
+row-count-aware tuning: every candidate compiles (nvcc; the shipped MSL/WGSL kernels of the same
+nodes through their checks) and computes the interpreter's result on the CPU (``tests/cuda_emu``:
+persistent grid-stride loops with few blocks, next-row prefetch, streaming hints, dense and
+strided row offsets, broadcast operands); the GPU runs them in the ``cuda``-marked test."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from fusec.backends import cuda_runtime
+from fusec.bench.cases import Case, build_graph
+from fusec.bench.norm_variants import cuda_variants
+from fusec.codegen import emit
+from fusec.codegen.families import norm_epilogue as ne
+from fusec.codegen.kernel import KernelSequence
+from fusec.dsl import default_patterns
+from fusec.interp import interpret
+from fusec.rewrite import rewrite
+from tests import cuda_emu
+from tests.gpu import compile_check_tests, kernel_arrays, requires_cuda
+from tests.test_norm_kernels import build, nmse
+
+
+def _node(case: Case):
+    return rewrite(build_graph(case), default_patterns())[0].outputs[0]
+
+
+# every variant name and both dtypes / patterns: small and persistent-size row counts, both row lengths
+COMPILE_CASES = [Case(p, d, r, n) for p in ("rms_norm_mul", "rms_norm_mul_add") for d in ("f32", "f16")
+                 for n in (4096, 8192) for r in (1, 65536)]
+
+
+def _variant_kernels(backend: str):
+    if backend != "cuda":
+        return [emit(_node(c), backend) for c in COMPILE_CASES[::4]]
+    seen, out = set(), []
+    for c in COMPILE_CASES:
+        for k in (f() for f in cuda_variants(_node(c)).values()):
+            if k.source not in seen:
+                seen.add(k.source)
+                out.append(k)
+    return out
+
+
+test_every_cuda_variant_compiles_with_nvcc, test_every_msl_variant_passes_the_shim, \
+    test_every_wgsl_variant_compiles_with_naga = compile_check_tests(_variant_kernels)
+
+
+# -- tune -------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("case, entry", [
+    (Case("rms_norm_mul", "f32", 1, 4096), "rms_norm_mul_f32_v4_t512_k2"),
+    (Case("rms_norm_mul", "f16", 512, 4096), "rms_norm_mul_f16_v8_t256_k2"),
+    (Case("rms_norm_mul", "f32", 512, 4096), "rms_norm_mul_f32_v4_t256_k4"),
+    (Case("rms_norm_mul", "f32", 8192, 4096), "rms_norm_mul_f32_v4_t256_k4_p2n"),
+    (Case("rms_norm_mul_add", "f32", 65536, 8192), "rms_norm_mul_add_f32_v4_t512_k4_p1n"),
+    (Case("rms_norm_mul_add", "f16", 8192, 4096), "rms_norm_mul_add_f16_v8_t128_k4_p4n"),
+])
+def test_cuda_tuning_follows_the_row_count(case, entry):
+    k = emit(_node(case), "cuda")
+    assert k.entry == entry
+    if k.meta["tuning"].persist:
+        per_sm = k.meta["tuning"].persist
+        assert k.grid[1:] == (1, 1) and k.grid[0] <= per_sm * ne.CUDA_OPTS["sms"]
+        rpb = -(-case.rows // k.grid[0])
+        assert rpb * (k.grid[0] - 1) < case.rows <= rpb * k.grid[0]  # an even share, no idle block
+
+
+def test_persistent_grid_shares_rows_evenly():
+    assert ne.persistent_grid(8192, 2, 132) == 256  # 32 rows each, not 31/32 over 264 blocks
+    assert ne.persistent_grid(65536, 2, 132) == 264
+    assert ne.persistent_grid(5, 4, 132) == 5
+
+
+def test_base_variant_is_the_previous_kernel():
+    ks = cuda_variants(_node(Case("rms_norm_mul", "f32", 8192, 4096)))
+    base = ks["base"]()
+    assert base.entry == "rms_norm_mul_f32_v4_t256_k4" and base.grid == (8192, 1, 1)
+    assert " % ne1" in base.source and "row * p.src0_nb1" not in base.source
+    assert "row * p.src0_nb1" in ks["t256"]().source
+
+
+def test_persistent_needs_cuda_and_a_resident_row():
+    node = _node(Case("rms_norm_mul", "f32", 64, 256))
+    p = ne.plan(node)
+    with pytest.raises(ne.CodegenError):
+        ne.build(node, "wgsl", ne.Tuning(4, 64, 1, 1, persist=1))
+    with pytest.raises(ne.CodegenError):
+        ne.build(node, "cuda", ne.Tuning(4, 64, 1, 0, persist=1))
+    assert ne.tune(node, p, "wgsl").persist == 0
+
+
+# -- CPU emulation ----------------------------------------------------------------------------------------
+
+EMU_TUNINGS = {  # name -> (tuning from (vec, nvec), sms used to size the persistent grid)
+    "p1n": (lambda v, nv: ne.Tuning(v, 32, 1, max(1, -(-nv // 32)), 1, True), 2),
+    "p1": (lambda v, nv: ne.Tuning(v, 32, 1, max(1, -(-nv // 32)), 1, False), 3),
+    "p2n_cs": (lambda v, nv: ne.Tuning(v, 64, 1, max(1, -(-nv // 64)), 2, True, True), 1),
+    "t64_cs": (lambda v, nv: ne.Tuning(v, 64, 1, max(1, -(-nv // 64)), cs=True), None),
+}
+
+
+def _emu(k, values):
+    """``k``'s output (flat, the node's dtype) run on the emulator with leaf ``values`` by root name."""
+    out = cuda_emu.run_sequence(KernelSequence(k.node, [k]), values)["dst"]
+    return out.view(k.node.dtype.np) if k.node.dtype.size == 2 else out
+
+
+@pytest.mark.skipif(not cuda_emu.available(), reason="needs g++ (C++20)")
+@pytest.mark.parametrize("variant", sorted(EMU_TUNINGS))
+@pytest.mark.parametrize("chain, dtype, ne_, w_ne, pad", [
+    ("rms_norm_mul", "f32", (256, 37, 1, 1), (256, 1, 1, 1), 0),
+    ("rms_norm_mul_add", "f32", (256, 37, 1, 1), (256, 37, 1, 1), 0),  # per-row operands with dense rows
+    ("rms_norm_mul_add", "f16", (512, 5, 3, 1), (512, 1, 3, 1), 0),  # operand b per (dim 2) row: not invariant
+    ("norm_mul_add", "f32", (200, 7, 2, 1), (200, 1, 1, 1), 4),  # strided x (no dense rows), vec 4
+    ("rms_norm_mul", "f32", (67, 9, 1, 1), (67, 1, 1, 1), 0),  # odd row: vec 1
+])
+def test_variants_match_the_interpreter_on_the_emulator(monkeypatch, variant, chain, dtype, ne_, w_ne, pad):
+    g, out = build(chain, dtype, ne_, w_ne, 1e-5, pad, pad // 2 * 0)
+    rng = np.random.default_rng(3)
+    values = {t.name: (rng.uniform(0.5, 2.0, t.ne[::-1]) * rng.choice([-1.0, 1.0], t.ne[::-1])).astype(t.dtype.np)
+              for t in g.leaves}
+    ref = interpret(g, values)[out]
+    node = rewrite(g, default_patterns())[0].outputs[0]
+    p = ne.plan(node)
+    base = ne.tune(node, p, "cuda")
+    make, sms = EMU_TUNINGS[variant]
+    tu = make(base.vec, -(-node.src[p.x].ne[0] // base.vec))
+    if sms is not None:
+        monkeypatch.setitem(ne.CUDA_OPTS, "sms", sms)
+    k = ne.build(node, "cuda", tu)
+    if tu.persist:
+        assert k.grid[0] < node.src[p.x].ne[1] * node.src[p.x].ne[2]  # blocks loop over rows
+    got = _emu(k, values)[:ref.size].reshape(ref.shape)
+    bound = 1e-7 if dtype == "f32" else 1e-5
+    assert nmse(got, ref) <= bound, k.entry
+
+
+@pytest.mark.skipif(not cuda_emu.available(), reason="needs g++ (C++20)")
+@pytest.mark.parametrize("case", [Case("rms_norm_mul_add", "f32", 3, 1024), Case("rms_norm_mul", "f16", 2, 2048)])
+def test_every_sweep_variant_runs_on_the_emulator(case):
+    """Each candidate of a small case (one-row blocks only: persistent ones need many rows, and are
+    covered above with a small grid)."""
+    from fusec.bench.cases import make_inputs, prepare  # noqa: PLC0415
+
+    prep = prepare(case, default_patterns())
+    node = prep.fused.outputs[0]
+    vals = make_inputs(case)
+    for name, mk in cuda_variants(node).items():
+        k = mk()
+        got = _emu(k, vals)[:prep.ref.size].reshape(prep.ref.shape)
+        assert nmse(got, prep.ref) <= (1e-7 if case.dtype == "f32" else 1e-5), (name, k.entry)
+
+
+@requires_cuda
+@pytest.mark.parametrize("case", [Case("rms_norm_mul", "f32", 8192, 4096), Case("rms_norm_mul_add", "f16", 8192, 4096),
+                                  Case("rms_norm_mul_add", "f32", 3000, 8192)])
+def test_every_sweep_variant_is_correct_on_the_gpu(case):
+    from fusec.bench.cases import prepare  # noqa: PLC0415
+
+    prep = prepare(case, default_patterns())
+    node = prep.fused.outputs[0]
+    for name, mk in cuda_variants(node).items():
+        k = mk()
+        got = cuda_runtime.run_kernel(k, kernel_arrays(k, prep.values))["dst"].reshape(prep.ref.shape)
+        assert nmse(got, prep.ref) <= (1e-7 if case.dtype == "f32" else 1e-5), (name, k.entry)
