@@ -72,7 +72,9 @@ METHOD = f"""\
 * **Small sizes** (rows ≤ {SMALL_ROWS_MAX}): also timed back to back (many launches between two events, or many
   dispatches in one pass: per-launch time, no flush); an empty kernel is timed the same way, and the host time
   of the launch call (CUDA) or of recording / submitting one pass (wgpu) is measured. The small-size goal
-  compares back-to-back times when present: fused ≤ 1.1 × (empty launch + bytes at the copy ceiling).
+  compares back-to-back times when present: fused ≤ 1.1 × (empty launch + bytes at the copy ceiling); on CUDA
+  the empty kernel has the fused kernel's signature and is launched with its grid, block and arguments
+  (column `empty b2b µs`), so both pay the same host-side argument packing.
 * **Ratios** `× peer` = peer time / fused time (> 1: fused is faster). "Large" = rows ≥ {LARGE_ROWS_MIN}."""
 
 META_KEYS = [("gpu", "GPU"), ("driver", "driver"), ("cuda_driver_api", "CUDA driver API"),

@@ -5,8 +5,11 @@ One mechanism serves the plain ggml ops (``ggml_rms_norm``, ``ggml_norm``: empty
 FUSED node with ``params["kernel"] == "norm_epilogue"`` (``rms_norm_mul``, ``rms_norm_mul_add``,
 ``norm_mul_add``, ...): :func:`plan` walks the node's decomposition into a :class:`NormPlan`,
 :func:`tune` picks the launch shape and the template renders the plan. The generated source depends
-only on dtypes, the chain and the tuning (vector width, threads per row, rows per workgroup,
-register slots); shapes, strides, offsets and eps are runtime parameters.
+only on dtypes, the chain, the tuning (vector width, threads per row, rows per workgroup,
+register slots; CUDA: persistent grid, next-row prefetch, streaming hints; the tuning follows the
+row length and, on CUDA, the class of the row count) and, on CUDA, the layout class (dense rows,
+operands that are one row or span the row: :func:`_layout`); shapes, strides, offsets and eps are
+runtime parameters.
 """
 
 from __future__ import annotations
