@@ -5,7 +5,7 @@
 # ../shared/device/prepare.sh prints (carry [".whl", ".gl"]; EXTRA_WHEELS adds rich & co.):
 #   bash bench/device_session.sh tests     # cuda-marked tests + flash attention (~3 min)
 #   bash bench/device_session.sh harness   # norm harness (cuda + wgpu) + GEMV (~8 min)
-#   bash bench/device_session.sh norm      # norm harness: wgpu, then cuda with the variant sweep (~8 min)
+#   bash bench/device_session.sh norm      # norm harness + candidate sweep: wgpu, then cuda (~8 min)
 # Results go to $OUT (the device tool's folder) or bench/results/, named <date>-h200-*.
 # Each step has its own timeout so one slow step cannot eat the others' results; a step's
 # exit status is printed, never hidden.
@@ -37,12 +37,12 @@ case $part in
     # cuda with every candidate kernel of each case timed side by side (--variants); each step ends its case
     # loop at --budget-s and writes what it has; BENCHMARKS.md from both results files
     nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm --format=csv,noheader > "$out/$day-h200-gpu.txt" 2>&1
-    step norm-wgpu 200 python3 bench/harness.py --backend wgpu --budget-s 150 -o "$out/$day-h200-wgpu.json"
+    step norm-wgpu 200 python3 bench/harness.py --backend wgpu --variants --budget-s 150 -o "$out/$day-h200-wgpu.json"
     step norm-cuda 330 python3 bench/harness.py --backend cuda --variants --budget-s 270 -o "$out/$day-h200-cuda.json"
     python3 -c "import sys; sys.path.insert(0, '.'); from fusec.bench.report import write_benchmarks_md as w; \
 w(sys.argv[1:3], sys.argv[3])" "$out/$day-h200-wgpu.json" "$out/$day-h200-cuda.json" "$out/BENCHMARKS.md" \
       && echo "   wrote $out/BENCHMARKS.md"
-    grep -A60 "variant sweep" "$out/$day-h200-norm-cuda.log" | head -n 50
+    grep -h -A45 "variant sweep" "$out/$day-h200-norm-wgpu.log" "$out/$day-h200-norm-cuda.log"
     ;;
   harness)
     step harness 400 python3 bench/harness.py --backend all -o "$out/$day-h200.json" --markdown "$out/BENCHMARKS.md"

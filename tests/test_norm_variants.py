@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from fusec.backends import cuda_runtime
+from fusec.backends import cuda_runtime, wgpu_runtime
 from fusec.bench.cases import Case, build_graph
 from fusec.bench.norm_variants import cuda_variants
 from fusec.codegen import emit
@@ -19,7 +19,7 @@ from fusec.dsl import default_patterns
 from fusec.interp import interpret
 from fusec.rewrite import rewrite
 from tests import cuda_emu
-from tests.gpu import compile_check_tests, kernel_arrays, requires_cuda
+from tests.gpu import compile_check_tests, kernel_arrays, requires_cuda, requires_wgpu
 from tests.test_norm_kernels import build, nmse
 
 
@@ -187,3 +187,37 @@ def test_shipped_cuda_kernels_match_the_interpreter_on_the_emulator(chain, dtype
     k = emit(node, "cuda")
     got = _emu(k, values)[:ref.size].reshape(ref.shape)
     assert nmse(got, ref) <= (1e-7 if dtype == "f32" else 1e-5), k.entry
+
+
+# -- WGSL: rows one after another (seq) -------------------------------------------------------------------
+
+
+@requires_wgpu
+@pytest.mark.parametrize("seq, pn", [(4, True), (3, False), (8, True)])
+@pytest.mark.parametrize("chain, dtype, ne_, w_ne, pad", [
+    ("rms_norm_mul", "f32", (256, 37, 1, 1), (256, 1, 1, 1), 0),
+    ("rms_norm_mul_add", "f16", (512, 5, 3, 1), (512, 1, 3, 1), 0),
+    ("norm_mul_add", "f32", (200, 7, 2, 1), (200, 1, 1, 1), 4),
+    ("rms_norm_mul_add", "f32", (4096, 10, 1, 1), (4096, 10, 1, 1), 0),
+])
+def test_wgsl_rows_one_after_another_match_the_interpreter(seq, pn, chain, dtype, ne_, w_ne, pad):
+    g, out = build(chain, dtype, ne_, w_ne, 1e-5, pad, 0)
+    rng = np.random.default_rng(7)
+    values = {t.name: (rng.uniform(0.5, 2.0, t.ne[::-1]) * rng.choice([-1.0, 1.0], t.ne[::-1])).astype(t.dtype.np)
+              for t in g.leaves}
+    ref = interpret(g, values)[out]
+    node = rewrite(g, default_patterns())[0].outputs[0]
+    tu = ne.tune(node, ne.plan(node), "wgsl")
+    k = ne.build(node, "wgsl", ne.Tuning(tu.vec, tu.tpr, 1, tu.slots, pn=pn, seq=seq))
+    nrows = int(np.prod(ne_[1:]))
+    assert k.grid[0] * k.grid[1] == -(-nrows // seq)
+    got = wgpu_runtime.run_kernel(k, kernel_arrays(k, values))["dst"][:ref.size].reshape(ref.shape)
+    assert nmse(got, ref) <= (1e-7 if dtype == "f32" else 1e-5), k.entry
+
+
+def test_seq_is_wgsl_only():
+    node = _node(Case("rms_norm_mul", "f32", 64, 256))
+    with pytest.raises(ne.CodegenError):
+        ne.build(node, "cuda", ne.Tuning(4, 64, 1, 1, seq=4))
+    with pytest.raises(ne.CodegenError):
+        ne.build(node, "wgsl", ne.Tuning(4, 64, 1, 1, pn=True))

@@ -24,7 +24,7 @@ BACKEND_CHOICES = ("cuda", "wgpu", "numpy", "all")
 
 def make_measurer(name: str, use_torch: bool = True, variants: bool = False):
     """A new :class:`~fusec.bench.runner.Measurer` for ``name`` (``cuda`` | ``wgpu`` | ``numpy``);
-    ``variants``: the cuda measurer also times the candidate kernels (:mod:`.norm_variants`)."""
+    ``variants``: the cuda and wgpu measurers also time the candidate kernels (:mod:`.norm_variants`)."""
     if name == "cuda":
         from .measure_cuda import CudaMeasurer  # noqa: PLC0415
 
@@ -32,7 +32,7 @@ def make_measurer(name: str, use_torch: bool = True, variants: bool = False):
     if name == "wgpu":
         from .measure_wgpu import WgpuMeasurer  # noqa: PLC0415
 
-        return WgpuMeasurer()
+        return WgpuMeasurer(variants=variants)
     if name == "numpy":
         from .measure_numpy import NumpyMeasurer  # noqa: PLC0415
 
@@ -154,7 +154,8 @@ def run_bench(args) -> int:
     ``args`` fields: ``backend`` (cuda | wgpu | numpy | all), ``quick``, ``dry`` (correctness only, tiny
     cases, no timing), ``output`` (JSON path or None), ``markdown`` (BENCHMARKS.md path or None),
     ``no_torch``, ``budget_s`` (after this many seconds the remaining cases are skipped), ``rows``
-    (comma list overriding the case rows), ``variants`` (cuda: the candidate-kernel sweep).
+    (comma list overriding the case rows), ``variants`` (the candidate-kernel sweep: cuda every case,
+    wgpu the large ones).
     Raises :class:`BackendError` when the one backend asked for is not available; with ``all``
     unavailable backends are listed under ``skipped_backends``.
     """

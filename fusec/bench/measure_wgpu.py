@@ -33,7 +33,7 @@ from ..codegen.kernel import Binding, Kernel
 from ..errors import BackendError
 from ..ir.dtypes import F32
 from ..ir.graph import Graph
-from .cases import Prepared, nmse
+from .cases import Prepared, nmse, within_tol
 from .runner import Measurer, SkipCase
 
 COPY_VPT = 1
@@ -52,6 +52,9 @@ SLOW_COPY_FRACTION = 0.8
 COPY_DRIFT = 0.15
 """A large case whose copy timed after its kernels differs from the one timed before by more than
 this fraction is flagged (the GPU changed state while the case was timed)."""
+
+SWEEP_SAMPLE_ROWS = 32
+"""Rows read back (at the start, middle and end of the output) to check a candidate of the sweep."""
 
 WARM_S = 0.05
 """Seconds of flushed passes of the timed dispatches before each timing (GPU only; CPU adapters: 3 passes)."""
@@ -322,10 +325,11 @@ class WgpuMeasurer(Measurer):
 
     name = "wgpu"
 
-    def __init__(self) -> None:
+    def __init__(self, variants: bool = False) -> None:
         super().__init__()
         self._cur: tuple | None = None
         self._extra: list = []
+        self.variants = variants
 
     def setup(self, timing: bool) -> None:
         if not rt.available():
@@ -428,6 +432,56 @@ class WgpuMeasurer(Measurer):
             row["host_encode_fused_us"] = timer.host_encode(rf.dispatches)
             row["host_encode_unfused_us"] = timer.host_encode(ru.dispatches)
             row["host_submit_fused_us"] = timer.host_submit(rf.dispatches)
+        if self.variants and prep.case.large:
+            self._sweep(prep, rf, row)
+
+    def _sweep(self, prep: Prepared, rf: WgpuGraphRunner, row: dict) -> None:
+        """Check, then time, every WGSL candidate of the case on ``rf``'s buffers (``row["variants"]``).
+        The output is cleared to zero on the device (an unwritten row fails the check) and only
+        sampled rows are read back (:data:`SWEEP_SAMPLE_ROWS` at the start, middle and end: no
+        full-size transfers between timings)."""
+        from .norm_variants import wgsl_variants  # noqa: PLC0415
+
+        c = prep.case
+        dev = rt.device()
+        out = rf.bufs[id(rf.output.root)]
+        ceiling = self.overhead.get("copy_ceiling_gbs")
+        starts = sorted({0, max(0, c.rows // 2 - SWEEP_SAMPLE_ROWS // 2), max(0, c.rows - SWEEP_SAMPLE_ROWS)})
+        ref = prep.ref.reshape(c.rows, c.n)
+        res: dict[str, dict] = {}
+        for name, make in wgsl_variants(rf.kernels[0].node).items():
+            v: dict = {}
+            res[name] = v
+            try:
+                k = make()
+                v.update(kernel=k.entry, grid=list(k.grid), block=k.workgroup_size[0])
+                group = rt.bind_group(k, [rf.bufs[id(b.tensor.root)] for b in k.bindings],
+                                      rt.uniform_buffer(rt.pack_params(k)))
+                disp = [(rt.pipeline(k), group, k.grid)]
+                enc = dev.create_command_encoder()
+                enc.clear_buffer(out, 0, out.size)
+                encode_pass(enc, disp)
+                dev.queue.submit([enc.finish()])
+                num = den = 0.0
+                for s0 in starts:
+                    nr = min(SWEEP_SAMPLE_ROWS, c.rows - s0)
+                    raw = dev.queue.read_buffer(out, s0 * c.n * c.esize, nr * c.n * c.esize)
+                    got = np.frombuffer(bytes(raw), dtype=c.np_dtype).astype(np.float64)
+                    want = ref[s0:s0 + nr].reshape(-1).astype(np.float64)
+                    num += float(np.sum((got - want) ** 2))
+                    den += float(np.sum(want * want))
+                v["nmse_sampled"] = num / (den or 1.0)
+                if not within_tol(v["nmse_sampled"], c.dtype):
+                    v["error"] = "incorrect output"
+                    continue
+                v["t_us"] = self.timer(disp)
+                if ceiling:
+                    v["pct_ceiling"] = 100.0 * c.bytes / (v["t_us"] * 1e-6) / 1e9 / ceiling
+                if row.get("t_copy_us"):
+                    v["pct_copy"] = 100.0 * row["t_copy_us"] / v["t_us"]
+            except Exception as e:  # noqa: BLE001 - one failing candidate must not lose the case
+                v["error"] = f"{type(e).__name__}: {e}"
+        row["variants"] = res
 
     def release(self) -> None:
         if self._cur is not None:

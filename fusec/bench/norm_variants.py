@@ -1,5 +1,5 @@
-"""Candidate CUDA kernels of a fused RMS_NORM->MUL(->ADD) node, for the harness's variant sweep
-(``fusec bench --variants``) and the tests that compile and run every candidate.
+"""Candidate CUDA and WGSL kernels of a fused RMS_NORM->MUL(->ADD) node, for the harness's variant
+sweep (``fusec bench --variants``) and the tests that compile and run every candidate.
 
 :func:`cuda_variants` lists, for one node, the kernels worth timing side by side: ``tuned`` (what
 :func:`fusec.codegen.families.norm_epilogue.tune` picks, i.e. what ships), ``base`` (the kernel
@@ -76,4 +76,24 @@ def cuda_variants(node: Tensor) -> dict[str, Callable[[], Kernel]]:
     return out
 
 
-__all__ = ["BASE_OPTS", "cuda_variants"]
+WGSL_SEQ = ((4, True), (8, True), (16, True), (8, False))
+"""(rows per workgroup one after another, next-row prefetch) of the WGSL candidates."""
+
+
+def wgsl_variants(node: Tensor) -> dict[str, Callable[[], Kernel]]:
+    """Name -> builder of each candidate WGSL kernel for ``node``: ``tuned`` (what ships) and, for
+    a resident row without prologue, ``s<S>[n]``: one-row workgroups computing S consecutive rows
+    one after another (``n``: the next row's x loaded before this row's reduction), the WGSL
+    counterpart of the CUDA persistent grid (fewer workgroup starts, loads in flight during the
+    reduction's barriers)."""
+    p = ne.plan(node)
+    tu = ne.tune(node, p, "wgsl")
+    out: dict[str, Callable[[], Kernel]] = {"tuned": lambda: ne.build(node, "wgsl")}
+    if p.prologue is None and tu.rows == 1 and tu.slots:
+        for seq, pn in WGSL_SEQ:
+            t = ne.Tuning(tu.vec, tu.tpr, 1, tu.slots, pn=pn, seq=seq)
+            out[f"s{seq}{'n' if pn else ''}"] = lambda t=t: ne.build(node, "wgsl", t)
+    return out
+
+
+__all__ = ["BASE_OPTS", "WGSL_SEQ", "cuda_variants", "wgsl_variants"]

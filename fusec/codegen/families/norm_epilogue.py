@@ -97,8 +97,9 @@ class Tuning:
     rows per workgroup, register slots per thread (0: stream the row from memory in each pass).
     CUDA only: ``persist`` > 0 makes the grid persistent (about ``persist`` one-row blocks per SM,
     each looping over rows with a grid stride; needs a resident row and no prologue), ``pn`` loads
-    the next row before the current row's reduction (persistent only), ``cs`` uses cache-streaming
-    loads (x, per-row operands) and stores."""
+    the next row before the current row's reduction (persistent, or WGSL ``seq``), ``cs`` uses
+    cache-streaming loads (x, per-row operands) and stores. WGSL only: ``seq`` > 1 makes each
+    one-row workgroup compute ``seq`` consecutive rows one after another (resident row, no prologue)."""
 
     vec: int
     tpr: int
@@ -107,6 +108,7 @@ class Tuning:
     persist: int = 0
     pn: bool = False
     cs: bool = False
+    seq: int = 0
 
     @property
     def workgroup(self) -> int:
@@ -287,6 +289,8 @@ def _entry(p: NormPlan, bindings: list[Binding], tu: Tuning) -> str:
     name += f"_k{tu.slots}" if tu.slots else "_stream"
     if tu.persist:
         name += f"_p{tu.persist}" + ("n" if tu.pn else "")
+    if tu.seq:
+        name += f"_s{tu.seq}" + ("n" if tu.pn else "")
     return name + ("_cs" if tu.cs else "")
 
 
@@ -399,8 +403,14 @@ def build(node: Tensor, backend: str, tuning: Tuning | None = None, *, prefetch:
     if tu.persist and (backend != "cuda" or not tu.slots or p.prologue is not None or tu.rows != 1):
         raise CodegenError(f"node {node.name!r}: a persistent norm_epilogue kernel needs CUDA, a resident row "
                            f"(slots > 0), no prologue and one row per block (got {tu})")
-    if (tu.cs or tu.pn) and backend != "cuda":
-        raise CodegenError(f"node {node.name!r}: cache-streaming / next-row prefetch are CUDA only (got {tu})")
+    if tu.cs and backend != "cuda":
+        raise CodegenError(f"node {node.name!r}: cache-streaming loads are CUDA only (got {tu})")
+    if tu.seq and (backend != "wgsl" or not tu.slots or p.prologue is not None or tu.rows != 1):
+        raise CodegenError(f"node {node.name!r}: rows one after another (seq) need WGSL, a resident row, no "
+                           f"prologue and one row per workgroup (got {tu})")
+    if tu.pn and not (tu.persist or tu.seq):
+        raise CodegenError(f"node {node.name!r}: next-row prefetch needs a persistent (CUDA) or seq (WGSL) "
+                           f"tuning (got {tu})")
     if tu.persist:
         prefetch = True  # the persistent body keeps every operand in registers
     x = node.src[p.x]
@@ -413,6 +423,8 @@ def build(node: Tensor, backend: str, tuning: Tuning | None = None, *, prefetch:
     wgsl = backend == "wgsl"
     if tu.persist:
         grid = (persistent_grid(nrows, tu.persist), 1, 1)
+    elif tu.seq:
+        grid = _grid(-(-nrows // tu.seq), balanced=WGSL_OPTS["balanced_grid"])
     else:
         grid = _grid(-(-nrows // tu.rows), balanced=wgsl and WGSL_OPTS["balanced_grid"])
     cuda_ctx = {}
@@ -441,7 +453,8 @@ def build(node: Tensor, backend: str, tuning: Tuning | None = None, *, prefetch:
              {"b": f"src{p.prologue.operand}", "out": None if so is None else f"out{p.prologue.output}"}),
         bindings=bindings, types={b.name: types[b.dtype] for b in bindings}, params=params,
         V=tu.vec, TPR=tu.tpr, R=tu.rows, K=tu.slots, SIMD=SIMD, PREFETCH=prefetch, PBP=params_by_pointer,
-        **(_wgsl_context(p, tu, prefetch) if wgsl else {}), **cuda_ctx,
+        **(_wgsl_context(p, tu, prefetch and not tu.seq) if wgsl else {}), **cuda_ctx,
+        SEQ=tu.seq, SPN=tu.pn and bool(tu.seq),
     )
     return Kernel(backend, "norm_epilogue", entry, source, bindings, params, (tu.workgroup, 1, 1), grid, node,
                   meta={"plan": p, "tuning": tu, "params_by_pointer": params_by_pointer})
