@@ -37,8 +37,8 @@ case $part in
     # cuda with every candidate kernel of each case timed side by side (--variants); each step ends its case
     # loop at --budget-s and writes what it has; BENCHMARKS.md from both results files
     nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm --format=csv,noheader > "$out/$day-h200-gpu.txt" 2>&1
-    step norm-wgpu 200 python3 bench/harness.py --backend wgpu --variants --budget-s 150 -o "$out/$day-h200-wgpu.json"
-    step norm-cuda 330 python3 bench/harness.py --backend cuda --variants --budget-s 270 -o "$out/$day-h200-cuda.json"
+    step norm-wgpu 190 python3 bench/harness.py --backend wgpu --variants --budget-s 160 -o "$out/$day-h200-wgpu.json"
+    step norm-cuda 370 python3 bench/harness.py --backend cuda --variants --budget-s 320 -o "$out/$day-h200-cuda.json"
     python3 -c "import sys; sys.path.insert(0, '.'); from fusec.bench.report import write_benchmarks_md as w; \
 w(sys.argv[1:3], sys.argv[3])" "$out/$day-h200-wgpu.json" "$out/$day-h200-cuda.json" "$out/BENCHMARKS.md" \
       && echo "   wrote $out/BENCHMARKS.md"

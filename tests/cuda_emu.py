@@ -35,10 +35,12 @@ def _lit(t: str, v) -> str:
 def run_sequence(seq, values: dict[str, np.ndarray], *, scratch_fill: float = np.nan) -> dict[str, np.ndarray]:
     """Run ``seq`` (CUDA kernels) on ``values`` (root leaf name -> array). The output is poisoned with
     NaN, f32 scratch with ``scratch_fill`` bits (i32 scratch with -7). Returns ``{"dst": flat f32
-    output, <scratch name>: raw bytes as i32/f32}``."""
+    output (the last written tensor), <scratch name>: raw bytes as i32/f32, "root:<name>": every
+    written tensor's root memory as raw f32 words}``."""
     bufs: dict[tuple[str, str], tuple[np.ndarray, str]] = {}  # key -> (array, C type)
     scratch_bytes = {s.name: s.nbytes for s in seq.scratch}
     out_key = None
+    written: list = []
     ctype = {"f32": "float", "f16": "half", "i32": "int"}
     for k in seq.kernels:
         for b in k.bindings:
@@ -51,6 +53,7 @@ def run_sequence(seq, values: dict[str, np.ndarray], *, scratch_fill: float = np
             elif b.write:
                 a = np.full(b.tensor.root.span_bytes // 4, np.nan, np.float32)
                 out_key = key
+                written.append(key)
             else:
                 a = np.ascontiguousarray(values[b.tensor.root.name], dtype=b.dtype.np).reshape(-1)
             bufs[key] = (a, ctype[str(b.dtype)])
@@ -106,4 +109,6 @@ int main() {
                 out["dst"] = raw.copy()
             elif key[0] == "s":
                 out[key[1]] = raw.copy()
+            if key in written:
+                out[f"root:{key[1]}"] = raw.copy()
     return out

@@ -221,3 +221,22 @@ def test_seq_is_wgsl_only():
         ne.build(node, "cuda", ne.Tuning(4, 64, 1, 1, seq=4))
     with pytest.raises(ne.CodegenError):
         ne.build(node, "wgsl", ne.Tuning(4, 64, 1, 1, pn=True))
+
+
+def _emu_run_kernel(k, arrays):
+    """``cuda_runtime.run_kernel``'s contract on the emulator: written bindings by name, their dtype."""
+    values = {b.tensor.root.name: arrays[b.name] for b in k.bindings if not b.write}
+    raw = cuda_emu.run_sequence(KernelSequence(k.node, [k]), values)
+    return {b.name: raw[f"root:{b.tensor.root.name}"].view(b.dtype.np)[:b.tensor.root.nelements]
+            for b in k.bindings if b.write}
+
+
+@pytest.mark.skipif(not cuda_emu.available(), reason="needs g++ (C++20)")
+@pytest.mark.parametrize("pattern, dtype, ne0, bcast", [("add_rms_norm_mul", "f32", 64, True),
+                                                        ("add_rms_norm_mul_add", "f16", 64, False),
+                                                        ("add_rms_norm", "f32", 63, False)])
+def test_multi_output_cuda_kernel_on_the_emulator(pattern, dtype, ne0, bcast):
+    """The ADD prologue and its sum output (dense-row offsets of ``out1``) through the shipped tuning."""
+    from tests.test_multi_output import run_and_compare  # noqa: PLC0415
+
+    run_and_compare(_emu_run_kernel, "cuda", pattern, dtype, ne0, bcast)
