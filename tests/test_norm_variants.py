@@ -240,3 +240,77 @@ def test_multi_output_cuda_kernel_on_the_emulator(pattern, dtype, ne0, bcast):
     from tests.test_multi_output import run_and_compare  # noqa: PLC0415
 
     run_and_compare(_emu_run_kernel, "cuda", pattern, dtype, ne0, bcast)
+
+
+@pytest.mark.skipif(not cuda_emu.available(), reason="needs g++ (C++20)")
+def test_cuda_sweep_checks_then_times_every_candidate(monkeypatch):
+    """``CudaMeasurer._sweep`` end to end without a GPU: numpy stands in for CuPy, the emulator for the
+    device, a counter for the timer; a candidate writing wrong values is reported and not timed."""
+    import types  # noqa: PLC0415
+
+    from fusec.bench import measure_cuda as mc  # noqa: PLC0415
+    from fusec.bench.cases import prepare  # noqa: PLC0415
+
+    case = Case("rms_norm_mul_add", "f32", 3, 2048)
+    prep = prepare(case, default_patterns())
+    node = prep.fused.outputs[0]
+    k0 = emit(node, "cuda")
+    bufs = {id(b.tensor.root): (np.full(b.tensor.root.nelements, np.nan, np.float32) if b.write
+                                else prep.values[b.tensor.root.name].reshape(-1).copy()) for b in k0.bindings}
+    out = bufs[id(node.root)]
+
+    def module(k):
+        def fn(grid, block, args):
+            vals = {b.tensor.root.name: a for b, a in zip(k.bindings, args, strict=False) if not b.write}
+            got = cuda_emu.run_sequence(KernelSequence(k.node, [k]), vals)["dst"][:out.size]
+            out[:] = got * (2.0 if "_t256_" in k.entry else 1.0)  # one candidate computes the wrong thing
+        return fn
+
+    monkeypatch.setattr(mc.cr, "module", module)
+    fake_cp = types.SimpleNamespace(asarray=np.asarray, nan=np.nan, float64=np.float64, sum=np.sum,
+                                    cuda=types.SimpleNamespace(Device=lambda: types.SimpleNamespace(
+                                        synchronize=lambda: None)))
+    m = mc.CudaMeasurer(variants=True)
+    m.cp = fake_cp
+    m.overhead["copy_ceiling_gbs"] = 1000.0
+    calls = []
+
+    class Timer:
+        def __call__(self, fn, quick=False):
+            calls.append(quick)
+            return 10.0
+
+        def b2b(self, fn):
+            return 4.0
+
+    m.timer = Timer()
+    rf = types.SimpleNamespace(kernels=[k0], bufs=bufs, output=node)
+    row = {}
+    m._sweep(prep, rf, row)
+    v = row["variants"]
+    assert set(v) == set(cuda_variants(node)) and {"tuned", "base", "cs", "t128", "t256"} <= set(v)
+    assert v["t256"]["error"] == "incorrect output" and "t_us" not in v["t256"]
+    for name, r in v.items():
+        if name != "t256":
+            assert r["nmse"] <= 1e-7 and r["t_us"] == 10.0 and r["t_b2b_us"] == 4.0, (name, r)
+            assert r["pct_ceiling"] == pytest.approx(100 * case.bytes / 10e-6 / 1e9 / 1000.0)
+    assert calls and all(calls)  # the sweep times with the quick do_bench settings
+
+
+@pytest.mark.skipif(__import__("shutil").which("nvcc") is None, reason="needs nvcc")
+def test_same_signature_empty_kernel_compiles(monkeypatch):
+    """The G6 floor kernel of ``measure_cuda.empty_like``: the fused kernel's pointers and Params struct."""
+    import sys  # noqa: PLC0415
+    import types  # noqa: PLC0415
+
+    from fusec.bench import measure_cuda as mc  # noqa: PLC0415
+    from fusec.codegen.check import check_cuda  # noqa: PLC0415
+
+    seen = {}
+    monkeypatch.setitem(sys.modules, "cupy", types.SimpleNamespace(
+        RawKernel=lambda src, name, options=(): seen.update(src=src, name=name)))
+    k = emit(_node(Case("rms_norm_mul_add", "f16", 1, 4096)), "cuda")
+    mc.empty_like(k)
+    assert seen["name"] == "fusec_empty" and seen["src"].count("const void* __restrict__") == len(k.bindings)
+    assert all(f" {n};" in seen["src"] for n, _, _ in k.params)
+    check_cuda([("fusec_empty", seen["src"])])
