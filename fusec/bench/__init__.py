@@ -5,9 +5,11 @@ unfused kernel sequence against the numpy interpreter, then times them with thei
 backend: :mod:`.measure_cuda` (CuPy, torch, torch.compile), :mod:`.measure_wgpu` (WGSL through
 wgpu-py) and :mod:`.measure_numpy` (host-only dry mode for CI). :mod:`.runner` is the loop,
 :mod:`.metrics` the derived numbers, :mod:`.goals` the pass/miss verdicts, :mod:`.table` the
-tables and :mod:`.report` the generated BENCHMARKS.md.
+tables and :mod:`.report` the generated BENCHMARKS.md; :mod:`.norm_variants` lists the candidate
+kernels that ``--variants`` times next to the shipped one.
 
-    fusec bench --backend cuda|wgpu|numpy|all [--quick] [--dry] [--variants] [-o results.json] [--markdown BENCHMARKS.md]
+    fusec bench --backend cuda|wgpu|numpy|all [--quick] [--dry] [--variants] [-o results.json]
+                [--markdown BENCHMARKS.md]
 """
 
 from __future__ import annotations
