@@ -7,8 +7,9 @@ shipped before the row-count-aware tuning: one block per row, index division for
 no persistent grid: the 2026-11-21 tuned numbers), ``cs`` (``tuned`` with cache-streaming loads and
 stores), ``t<N>`` (one block per row with N threads per row) and, when there are rows enough for a
 persistent grid (as :func:`~fusec.codegen.families.norm_epilogue.tune` requires), ``p<B>n``
-(persistent, B blocks per SM, next row loaded before the reduction) and ``p<B>`` (the default B
-without the next-row prefetch). Names are stable across cases so the sweep table has columns.
+(persistent, B blocks per SM, next row loaded before the reduction), ``p<B>`` (the default B
+without the next-row prefetch) and ``pn_x32`` / ``pn_x128`` (persistent with next-row prefetch at the
+default threads per SM, 32 / 128 bytes of x per thread per row instead of 64). Names are stable across cases so the sweep table has columns.
 """
 
 from __future__ import annotations
@@ -73,6 +74,20 @@ def cuda_variants(node: Tensor) -> dict[str, Callable[[], Kernel]]:
                     continue
                 seen.add((tu, True))
                 out[name] = lambda tu=tu: ne.build(node, "cuda", tu)
+        # the default threads per SM with half / twice the bytes of x per thread per row
+        threads = ne.CUDA_OPTS["persist_threads_per_sm"]
+        for xbytes in (32, 128):
+            ks = max(1, xbytes // (tuned.vec * esize))
+            tpr = min(max(ne._pow2ceil(-(-nvec // ks)), ne.SIMD), ne.MAX_TPR["cuda"])
+            slots = ne._pow2ceil(-(-nvec // tpr))
+            per_sm = max(1, threads // tpr)
+            if (slots * tuned.vec * esize > ne.MAX_CACHED_BYTES or per_sm * tpr > 1024
+                    or nrows < ne.CUDA_OPTS["persist_rows_per_block"] * per_sm * ne.CUDA_OPTS["sms"]):
+                continue
+            tu = ne.Tuning(tuned.vec, tpr, 1, slots, per_sm, True)
+            if (tu, True) not in seen:
+                seen.add((tu, True))
+                out[f"pn_x{xbytes}"] = lambda tu=tu: ne.build(node, "cuda", tu)
     return out
 
 
