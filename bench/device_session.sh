@@ -1,15 +1,16 @@
 #!/usr/bin/env bash
-# Every H200 measurement fusec's open issues need, as two device calls (each under the 600 s limit).
+# Every H200 measurement fusec's open issues need, as device calls (each under the 600 s limit).
 #
 # Run from the repository root on the device machine, after the prepare lines that
 # ../shared/device/prepare.sh prints (carry [".whl", ".gl"]; EXTRA_WHEELS adds rich & co.):
 #   bash bench/device_session.sh tests     # cuda-marked tests + flash attention (~3 min)
 #   bash bench/device_session.sh harness   # norm harness (cuda + wgpu) + GEMV (~8 min)
+#   bash bench/device_session.sh norm      # norm harness + candidate sweep: wgpu, then cuda (~8 min)
 # Results go to $OUT (the device tool's folder) or bench/results/, named <date>-h200-*.
 # Each step has its own timeout so one slow step cannot eat the others' results; a step's
 # exit status is printed, never hidden.
 set -uo pipefail
-part=${1:?usage: bench/device_session.sh tests|harness}
+part=${1:?usage: bench/device_session.sh tests|harness|norm}
 out=${OUT:-bench/results}
 day=$(date +%F)
 mkdir -p "$out"
@@ -31,12 +32,24 @@ case $part in
     step flash-attn 200 python3 bench/bench_flash_attn.py --all --flex --wgsl --out "$out/$day-h200-flash-attn.json"
     step run-cuda 90 python3 -m fusec run --model smollm2-135m --backend cuda --tokens 4 --verify --stats
     ;;
+  norm)
+    # wgpu first, in its own process (a fresh GPU state for the Vulkan timing; notes-norm-wgsl.md), then
+    # cuda with every candidate kernel of each case timed side by side (--variants); each step ends its case
+    # loop at --budget-s and writes what it has; BENCHMARKS.md from both results files
+    nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm --format=csv,noheader > "$out/$day-h200-gpu.txt" 2>&1
+    step norm-wgpu 190 python3 bench/harness.py --backend wgpu --variants --budget-s 160 -o "$out/$day-h200-wgpu.json"
+    step norm-cuda 370 python3 bench/harness.py --backend cuda --variants --budget-s 320 -o "$out/$day-h200-cuda.json"
+    python3 -c "import sys; sys.path.insert(0, '.'); from fusec.bench.report import write_benchmarks_md as w; \
+w(sys.argv[1:3], sys.argv[3])" "$out/$day-h200-wgpu.json" "$out/$day-h200-cuda.json" "$out/BENCHMARKS.md" \
+      && echo "   wrote $out/BENCHMARKS.md"
+    grep -h -A45 "variant sweep" "$out/$day-h200-norm-wgpu.log" "$out/$day-h200-norm-cuda.log"
+    ;;
   harness)
     step harness 400 python3 bench/harness.py --backend all -o "$out/$day-h200.json" --markdown "$out/BENCHMARKS.md"
     step gemv 150 python3 bench/bench_gemv.py --out "$out/$day-h200-gemv.json"
     ;;
   *)
-    echo "unknown part '$part' (tests | harness)" >&2
+    echo "unknown part '$part' (tests | harness | norm)" >&2
     exit 2
     ;;
 esac

@@ -547,6 +547,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-torch", action="store_true", help="leave out the torch / torch.compile peers")
     p.add_argument("--budget-s", type=float, help="after this many seconds skip the remaining cases")
     p.add_argument("--rows", help="comma list: only the cases with these row counts (e.g. 1,32,512)")
+    p.add_argument("--variants", action="store_true",
+                   help="also check and time every candidate kernel of each case (fusec.bench.norm_variants; "
+                        "wgpu: rows >= 8192 only) and print the sweep table")
     p.set_defaults(fn=cmd_bench)
     return ap
 

@@ -35,10 +35,12 @@ def _lit(t: str, v) -> str:
 def run_sequence(seq, values: dict[str, np.ndarray], *, scratch_fill: float = np.nan) -> dict[str, np.ndarray]:
     """Run ``seq`` (CUDA kernels) on ``values`` (root leaf name -> array). The output is poisoned with
     NaN, f32 scratch with ``scratch_fill`` bits (i32 scratch with -7). Returns ``{"dst": flat f32
-    output, <scratch name>: raw bytes as i32/f32}``."""
+    output (the last written tensor), <scratch name>: raw bytes as i32/f32, "root:<name>": every
+    written tensor's root memory as raw f32 words}``."""
     bufs: dict[tuple[str, str], tuple[np.ndarray, str]] = {}  # key -> (array, C type)
     scratch_bytes = {s.name: s.nbytes for s in seq.scratch}
     out_key = None
+    written: list = []
     ctype = {"f32": "float", "f16": "half", "i32": "int"}
     for k in seq.kernels:
         for b in k.bindings:
@@ -51,6 +53,7 @@ def run_sequence(seq, values: dict[str, np.ndarray], *, scratch_fill: float = np
             elif b.write:
                 a = np.full(b.tensor.root.span_bytes // 4, np.nan, np.float32)
                 out_key = key
+                written.append(key)
             else:
                 a = np.ascontiguousarray(values[b.tensor.root.name], dtype=b.dtype.np).reshape(-1)
             bufs[key] = (a, ctype[str(b.dtype)])
@@ -79,7 +82,7 @@ int main() {
             key = ("s", b.scratch) if b.scratch else ("t", b.tensor.root.name)
             j = keys.index(key)
             ct = bufs[key][1]
-            args.append(f"({'' if b.write else 'const '}{ct}*)b{j}.data()")
+            args.append(f"emu_any_ptr{{({'' if b.write else 'const '}{ct}*)b{j}.data()}}")
         g, w = k.grid, k.workgroup_size
         src.append(f"    emu_launch(k{i}::{k.entry}, make_uint3({g[0]}, {g[1]}, {g[2]}), "
                    f"make_uint3({w[0]}, {w[1]}, {w[2]}), {', '.join(args)}, p{i});\n")
@@ -106,4 +109,6 @@ int main() {
                 out["dst"] = raw.copy()
             elif key[0] == "s":
                 out[key[1]] = raw.copy()
+            if key in written:
+                out[f"root:{key[1]}"] = raw.copy()
     return out

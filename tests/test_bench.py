@@ -242,3 +242,31 @@ def test_load_results_rejects_other_json(tmp_path):
         report.load_results(p)
     with pytest.raises(report.ResultsError):
         report.load_results(tmp_path / "missing.json")
+
+
+def test_small_bound_uses_the_same_signature_empty_kernel():
+    row = {"bytes": 4000, "t_fused_us": 6.0, "t_fused_b2b_us": 4.4, "t_empty_sig_b2b_us": 4.0, "t_empty_sig_us": 3.5}
+    metrics.derive(row, 4000.0, empty_us=3.0, empty_b2b_us=3.6)
+    assert row["small_timing"] == "b2b"
+    assert row["small_bound_us"] == pytest.approx(4.0 + 0.001)
+    assert row["small_ratio"] == pytest.approx(4.4 / 4.001)
+
+
+def test_variant_sweep_table():
+    from fusec.bench.table import variant_lines  # noqa: PLC0415
+
+    rows = [{"pattern": "rms_norm_mul", "dtype": "f32", "rows": 8192, "n": 4096, "variants": {
+                "tuned": {"kernel": "k_p2n", "t_us": 66.0, "pct_ceiling": 95.0},
+                "base": {"kernel": "k", "t_us": 70.0, "pct_ceiling": 90.5},
+                "cs": {"kernel": "k_cs", "error": "incorrect output", "nmse": float("nan")}}},
+            {"pattern": "rms_norm_mul", "dtype": "f32", "rows": 1, "n": 4096, "variants": {
+                "tuned": {"kernel": "k1", "t_us": 5.0, "pct_ceiling": 0.2, "t_b2b_us": 4.2},
+                "t128": {"kernel": "k2", "t_us": 4.8, "pct_ceiling": 0.2, "t_b2b_us": 4.1}}},
+            {"pattern": "rms_norm_mul", "dtype": "f32", "rows": 32, "n": 4096}]
+    lines = variant_lines(rows)
+    assert lines[0].split()[:5] == ["case", "tuned", "base", "cs", "t128"]
+    big, small = lines[1].split(), lines[2].split()
+    assert big[3:] == ["95.0", "90.5", "x", "tuned", "1.000"]
+    assert small[3:] == ["0.2/4.20", "0.2/4.10", "t128", "1.042"]
+    assert len(lines) == 4 and lines[3].startswith("kernels: tuned: k1, k_p2n")
+    assert variant_lines(rows[2:]) == []

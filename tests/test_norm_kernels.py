@@ -183,5 +183,7 @@ def test_vector_width_follows_row_alignment():
 def test_source_does_not_depend_on_the_shape():
     ks = [emit(rewrite(build("rms_norm_mul_add", "f16", (4096, r, 1, 1), (4096, 1, 1, 1), 1e-6, 0, 0)[0],
                        default_patterns())[0].outputs[0], "cuda") for r in (1, 7)]
-    assert ks[0].source == ks[1].source and ks[0].entry == "rms_norm_mul_add_f16_v8_t128_k4"
+    # the tuning depends on the row count only through its class (few rows: more threads per row,
+    # many rows: persistent; fusec.codegen.families.norm_epilogue.tune): rows 1 and 7 share one source
+    assert ks[0].source == ks[1].source and ks[0].entry == "rms_norm_mul_add_f16_v8_t512_k1"
     assert ks[0].param("src0_ne1") == 1 and ks[1].param("src0_ne1") == 7

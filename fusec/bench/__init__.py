@@ -5,9 +5,11 @@ unfused kernel sequence against the numpy interpreter, then times them with thei
 backend: :mod:`.measure_cuda` (CuPy, torch, torch.compile), :mod:`.measure_wgpu` (WGSL through
 wgpu-py) and :mod:`.measure_numpy` (host-only dry mode for CI). :mod:`.runner` is the loop,
 :mod:`.metrics` the derived numbers, :mod:`.goals` the pass/miss verdicts, :mod:`.table` the
-tables and :mod:`.report` the generated BENCHMARKS.md.
+tables and :mod:`.report` the generated BENCHMARKS.md; :mod:`.norm_variants` lists the candidate
+kernels that ``--variants`` times next to the shipped one.
 
-    fusec bench --backend cuda|wgpu|numpy|all [--quick] [--dry] [-o results.json] [--markdown BENCHMARKS.md]
+    fusec bench --backend cuda|wgpu|numpy|all [--quick] [--dry] [--variants] [-o results.json]
+                [--markdown BENCHMARKS.md]
 """
 
 from __future__ import annotations
@@ -22,16 +24,17 @@ from ..errors import BackendError, FusecError
 BACKEND_CHOICES = ("cuda", "wgpu", "numpy", "all")
 
 
-def make_measurer(name: str, use_torch: bool = True):
-    """A new :class:`~fusec.bench.runner.Measurer` for ``name`` (``cuda`` | ``wgpu`` | ``numpy``)."""
+def make_measurer(name: str, use_torch: bool = True, variants: bool = False):
+    """A new :class:`~fusec.bench.runner.Measurer` for ``name`` (``cuda`` | ``wgpu`` | ``numpy``);
+    ``variants``: the cuda and wgpu measurers also time the candidate kernels (:mod:`.norm_variants`)."""
     if name == "cuda":
         from .measure_cuda import CudaMeasurer  # noqa: PLC0415
 
-        return CudaMeasurer(use_torch=use_torch)
+        return CudaMeasurer(use_torch=use_torch, variants=variants)
     if name == "wgpu":
         from .measure_wgpu import WgpuMeasurer  # noqa: PLC0415
 
-        return WgpuMeasurer()
+        return WgpuMeasurer(variants=variants)
     if name == "numpy":
         from .measure_numpy import NumpyMeasurer  # noqa: PLC0415
 
@@ -134,6 +137,14 @@ def _print_summary(doc: dict) -> None:
             say(f"  note: {n}")
     for name, why in doc.get("skipped_backends", {}).items():
         say(f"{name}: not run ({why})")
+    from .table import variant_lines  # noqa: PLC0415
+
+    for name, run in doc["backends"].items():
+        lines = variant_lines(run["results"])
+        if lines:
+            print(f"{name}: variant sweep (% of the copy ceiling from do_bench; small cases also b2b us)")
+            for line in lines:
+                print(line)
     if doc["meta"].get("timing"):
         for g in evaluate_all(doc):
             say(f"{g.goal.id} ({g.backend}) {g.status}: {g.goal.text} -- {g.detail}")
@@ -145,7 +156,8 @@ def run_bench(args) -> int:
     ``args`` fields: ``backend`` (cuda | wgpu | numpy | all), ``quick``, ``dry`` (correctness only, tiny
     cases, no timing), ``output`` (JSON path or None), ``markdown`` (BENCHMARKS.md path or None),
     ``no_torch``, ``budget_s`` (after this many seconds the remaining cases are skipped), ``rows``
-    (comma list overriding the case rows).
+    (comma list overriding the case rows), ``variants`` (the candidate-kernel sweep: cuda every case,
+    wgpu the large ones).
     Raises :class:`BackendError` when the one backend asked for is not available; with ``all``
     unavailable backends are listed under ``skipped_backends``.
     """
@@ -160,7 +172,8 @@ def run_bench(args) -> int:
     names = ["cuda", "wgpu"] if args.backend == "all" else [args.backend]
     measurers, skipped = [], {}
     for name in names:
-        m = make_measurer(name, use_torch=not getattr(args, "no_torch", False))
+        m = make_measurer(name, use_torch=not getattr(args, "no_torch", False),
+                          variants=bool(getattr(args, "variants", False)))
         try:
             m.setup(timing)
         except FusecError as e:

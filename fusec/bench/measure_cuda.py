@@ -7,6 +7,13 @@ before each (L2 flush), median. Small cases are also timed back to back (:meth:`
 ``launches`` calls between two events, per-launch time, no flush) and their host dispatch time is
 measured (:meth:`CudaTimer.host`: wall time of the launch call alone). All times in microseconds.
 torch / triton missing: those peers are left out with a note.
+
+Per case also an empty kernel with the fused kernel's signature, grid and block, launched with the
+same arguments (``t_empty_sig_us`` / ``t_empty_sig_b2b_us``): the small-size floor of G6 (the
+argument-less empty launch of ``overhead`` costs less host time than a launch with five arguments).
+With ``variants`` every candidate kernel of :func:`fusec.bench.norm_variants.cuda_variants` is run on
+the case's buffers (output poisoned with NaN), compared with the reference on the device, and only
+then timed (``row["variants"][name]``: kernel, nmse, t_us, pct_ceiling and, small cases, t_b2b_us).
 """
 
 from __future__ import annotations
@@ -21,7 +28,7 @@ from ..backends import cuda_runtime as cr
 from ..codegen import emit, needs_kernel
 from ..errors import BackendError
 from ..ir.graph import Graph
-from .cases import EPS, Prepared, nmse
+from .cases import EPS, Prepared, nmse, within_tol
 from .runner import Measurer
 
 FLUSH_BYTES = 256 << 20
@@ -29,6 +36,32 @@ CEILING_BYTES = 1 << 30
 EMPTY_SRC = 'extern "C" __global__ void fusec_bench_empty() {}\n'
 PEER_CHECK_MAX_BYTES = 256 << 20
 """torch peers' outputs are compared with the reference (``nmse_<peer>``) up to this case size."""
+
+
+def device_nmse(cp, out, ref) -> float:
+    """Normalized MSE of two CuPy arrays of one size, in float64 on the device (NaN stays NaN)."""
+    num = den = 0.0
+    step = 1 << 26
+    for i in range(0, ref.size, step):
+        a = out[i:i + step].astype(cp.float64)
+        b = ref[i:i + step].astype(cp.float64)
+        num += float(cp.sum((a - b) ** 2))
+        den += float(cp.sum(b * b))
+    return num / (den or 1.0)
+
+
+_EMPTY_TYPES = {"u32": "unsigned int", "i32": "int", "f32": "float"}
+
+
+def empty_like(k):
+    """An empty CUDA kernel (``cupy.RawKernel``) with ``k``'s signature: its bindings as pointers and
+    the Params struct by value (launched with ``k``'s grid, block and arguments: the same host cost)."""
+    import cupy as cp  # noqa: PLC0415
+
+    fields = "".join(f"    {_EMPTY_TYPES[t]} {n};\n" for n, t, _ in k.params) or "    unsigned int _unused;\n"
+    ptrs = "".join(f"const void* __restrict__ b{i}, " for i in range(len(k.bindings)))
+    src = f"struct Params {{\n{fields}}};\nextern \"C\" __global__ void fusec_empty({ptrs}const Params p) {{}}\n"
+    return cp.RawKernel(src, "fusec_empty", options=("-std=c++17",))
 
 
 class CudaTimer:
@@ -50,10 +83,12 @@ class CudaTimer:
             self.method = "CUDA events around single launches (256 MiB buffer cleared before each: L2 flush), median"
         self._flush = cp.empty(FLUSH_BYTES // 4, dtype=cp.int32)
 
-    def __call__(self, fn, reps: int = 50) -> float:
-        """Median time of one call of ``fn`` in microseconds (L2 flushed before each)."""
+    def __call__(self, fn, reps: int = 50, quick: bool = False) -> float:
+        """Median time of one call of ``fn`` in microseconds (L2 flushed before each); ``quick``:
+        do_bench with 10 ms warm-up and 40 ms of repetitions (the variant sweep)."""
         if self.do_bench is not None:
-            return float(self.do_bench(fn, warmup=25, rep=100, return_mode="median")) * 1e3
+            warm, rep = (10, 40) if quick else (25, 100)
+            return float(self.do_bench(fn, warmup=warm, rep=rep, return_mode="median")) * 1e3
         cp = self.cp
         start, stop = cp.cuda.Event(), cp.cuda.Event()
         for _ in range(3):
@@ -168,9 +203,10 @@ class CudaMeasurer(Measurer):
 
     name = "cuda"
 
-    def __init__(self, use_torch: bool = True) -> None:
+    def __init__(self, use_torch: bool = True, variants: bool = False) -> None:
         super().__init__()
         self.use_torch = use_torch
+        self.variants = variants
         self.torch = None
         self._cur: tuple | None = None
 
@@ -266,6 +302,56 @@ class CudaMeasurer(Measurer):
         if prep.case.small:
             row["host_dispatch_fused_us"] = timer.host(rf)
             row["host_dispatch_unfused_us"] = timer.host(ru)
+        try:
+            fn, grid, block, args = rf.launches[0]
+            empty = empty_like(rf.kernels[0])
+            launch = lambda: empty(grid, block, args)  # noqa: E731
+            row["t_empty_sig_us"] = timer(launch)
+            if prep.case.small:
+                row["t_empty_sig_b2b_us"] = timer.b2b(launch)
+        except Exception as e:  # noqa: BLE001
+            row["empty_sig_error"] = f"{type(e).__name__}: {e}"
+        if self.variants:
+            del src, dst, fns
+            self._sweep(prep, rf, row)
+
+    def _sweep(self, prep: Prepared, rf: CudaGraphRunner, row: dict) -> None:
+        """Check, then time, every candidate kernel of the case on ``rf``'s buffers (``row["variants"]``)."""
+        from .norm_variants import cuda_variants  # noqa: PLC0415
+
+        cp, timer, case = self.cp, self.timer, prep.case
+        node = rf.kernels[0].node
+        out = rf.bufs[id(rf.output.root)]
+        ref = cp.asarray(prep.ref.reshape(-1))
+        ceiling = self.overhead.get("copy_ceiling_gbs")
+        res: dict[str, dict] = {}
+        for name, make in cuda_variants(node).items():
+            v: dict = {}
+            res[name] = v
+            try:
+                k = make()
+                v["kernel"] = k.entry
+                v["grid"] = list(k.grid)
+                v["block"] = k.workgroup_size[0]
+                fn = cr.module(k)
+                args = (*[rf.bufs[id(b.tensor.root)] for b in k.bindings], cr.params_array(k))
+                launch = lambda fn=fn, k=k, args=args: fn(k.grid, k.workgroup_size, args)  # noqa: E731
+                out.fill(cp.nan)
+                launch()
+                cp.cuda.Device().synchronize()
+                v["nmse"] = device_nmse(cp, out[:ref.size], ref)
+                if not within_tol(v["nmse"], case.dtype):
+                    v["error"] = "incorrect output"
+                    continue
+                v["t_us"] = timer(launch, quick=True)
+                if ceiling:
+                    v["pct_ceiling"] = 100.0 * case.bytes / (v["t_us"] * 1e-6) / 1e9 / ceiling
+                if case.small:
+                    v["t_b2b_us"] = timer.b2b(launch)
+            except Exception as e:  # noqa: BLE001 - one failing candidate must not lose the case
+                v["error"] = f"{type(e).__name__}: {e}"
+        row["variants"] = res
+        del ref
 
     def _torch_peers(self, prep: Prepared, rf: CudaGraphRunner, row: dict) -> dict:
         """Callables for torch eager (naive, F.rms_norm) and torch.compile(naive) on ``rf``'s inputs."""
@@ -316,4 +402,4 @@ class CudaMeasurer(Measurer):
             self.torch.cuda.empty_cache()
 
 
-__all__ = ["CudaGraphRunner", "CudaMeasurer", "CudaTimer"]
+__all__ = ["CudaGraphRunner", "CudaMeasurer", "CudaTimer", "device_nmse", "empty_like"]

@@ -9,10 +9,19 @@ encodes it) and a WGSL vec4 copy kernel (this backend's ceiling) each preceded b
 submit + wait (a note says so). Small cases are also timed back to back (many dispatches in one
 pass, per-dispatch time), and the host time of encoding one dispatch and of finish + submit is
 measured. All times in microseconds.
+
+Validity on a GPU (``bench/notes-norm-wgsl.md``: one H200 run had every per-case copy at
+1.4-1.7 TB/s against a 4.1 TB/s ceiling): before each timing the GPU runs ``WARM_S`` of flushed
+passes of the timed dispatches (as do_bench warms up for 25 ms), so clocks that fell during the
+host gaps of the check (full-size read-backs, nmse on the CPU) are back up; each large case times
+the same-size copy before and after its kernels (``t_copy_us``, ``t_copy_after_us``) and is flagged
+when either is below ``SLOW_COPY_FRACTION`` of the ceiling or they differ by more than
+``COPY_DRIFT``; the per-case buffers are destroyed and collected before the next case.
 """
 
 from __future__ import annotations
 
+import gc
 import statistics
 import time
 
@@ -24,7 +33,7 @@ from ..codegen.kernel import Binding, Kernel
 from ..errors import BackendError
 from ..ir.dtypes import F32
 from ..ir.graph import Graph
-from .cases import Prepared, nmse
+from .cases import Prepared, nmse, within_tol
 from .runner import Measurer, SkipCase
 
 COPY_VPT = 1
@@ -39,6 +48,16 @@ the first cases, and once a whole run, slow)."""
 
 SLOW_COPY_FRACTION = 0.8
 """A large case whose side-by-side copy runs below this fraction of the run's copy ceiling is flagged."""
+
+COPY_DRIFT = 0.15
+"""A large case whose copy timed after its kernels differs from the one timed before by more than
+this fraction is flagged (the GPU changed state while the case was timed)."""
+
+SWEEP_SAMPLE_ROWS = 32
+"""Rows read back (at the start, middle and end of the output) to check a candidate of the sweep."""
+
+WARM_S = 0.05
+"""Seconds of flushed passes of the timed dispatches before each timing (GPU only; CPU adapters: 3 passes)."""
 
 
 def copy_wgsl(vpt: int = COPY_VPT) -> str:
@@ -134,7 +153,9 @@ _TINY = None
 class WgpuTimer:
     """Times lists of dispatches on the shared device; see the module docstring."""
 
-    def __init__(self, notes: list[str], flush_bytes: int):
+    def __init__(self, notes: list[str], flush_bytes: int, warm_s: float = 0.0):
+        """``warm_s``: seconds of warm-up passes before each timing (0: three passes)."""
+        self.warm_s = warm_s
         self.ts = rt.has_feature("timestamp-query")
         self.period = 1.0
         if self.ts:
@@ -198,11 +219,20 @@ class WgpuTimer:
         return n
 
     def warm(self, dispatches, n: int = 3) -> None:
+        """At least ``n`` passes of ``dispatches``, then more (each after an L2 flush, 10 per
+        submission) until ``warm_s`` seconds have passed."""
         dev = rt.device()
-        for _ in range(n):
+        t0, done = time.perf_counter(), 0
+        while done < n or time.perf_counter() - t0 < self.warm_s:
             enc = dev.create_command_encoder()
-            encode_pass(enc, dispatches)
+            for _ in range(10 if self.warm_s else 1):
+                if self.warm_s:
+                    enc.clear_buffer(self.flush, 0, self.flush.size)
+                encode_pass(enc, dispatches)
             dev.queue.submit([enc.finish()])
+            done += 1
+            if self.warm_s:
+                wait_idle()
         wait_idle()
 
     def __call__(self, dispatches, reps: int = 30) -> float:
@@ -295,10 +325,11 @@ class WgpuMeasurer(Measurer):
 
     name = "wgpu"
 
-    def __init__(self) -> None:
+    def __init__(self, variants: bool = False) -> None:
         super().__init__()
         self._cur: tuple | None = None
         self._extra: list = []
+        self.variants = variants
 
     def setup(self, timing: bool) -> None:
         if not rt.available():
@@ -322,7 +353,7 @@ class WgpuMeasurer(Measurer):
         if not timing:
             return
         small = self.cpu
-        self.timer = WgpuTimer(self.notes, (8 << 20) if small else FLUSH_BYTES)
+        self.timer = WgpuTimer(self.notes, (8 << 20) if small else FLUSH_BYTES, 0.0 if small else WARM_S)
         self.meta["timing"] = self.timer.method
         self.meta["b2b"] = "200 rounds of dispatches in one compute pass, per-round time, median of 7, no flush"
         max_bind = min(lim.get("max-storage-buffer-binding-size", 1 << 27), lim.get("max-buffer-size", 1 << 28))
@@ -387,14 +418,70 @@ class WgpuMeasurer(Measurer):
                 row[f"t_{name}_b2b_us"] = timer.b2b(disp)
         ceiling = self.overhead.get("copy_ceiling_gbs")
         if "t_copy_us" in row and ceiling and not prep.case.small:
-            gbs = prep.case.bytes / (row["t_copy_us"] * 1e-6) / 1e9
-            if gbs < SLOW_COPY_FRACTION * ceiling:  # the GPU was not at full speed while this case ran
-                row["flag"] = (f"slow GPU: this case's copy ran at {gbs:.0f} GB/s, "
-                               f"< {SLOW_COPY_FRACTION:.0%} of the {ceiling:.0f} GB/s ceiling; rerun before using")
+            row["t_copy_after_us"] = timer(fns["copy"])
+            slow = [prep.case.bytes / (row[k] * 1e-6) / 1e9 for k in ("t_copy_us", "t_copy_after_us")]
+            drift = abs(row["t_copy_after_us"] / row["t_copy_us"] - 1.0)
+            if min(slow) < SLOW_COPY_FRACTION * ceiling:  # the GPU was not at full speed while this case ran
+                row["flag"] = (f"slow GPU: this case's copy ran at {slow[0]:.0f} GB/s before and {slow[1]:.0f} after "
+                               f"its kernels, < {SLOW_COPY_FRACTION:.0%} of the {ceiling:.0f} GB/s ceiling; rerun "
+                               "before using")
+            elif drift > COPY_DRIFT:
+                row["flag"] = (f"unsteady GPU: this case's copy took {row['t_copy_us']:.1f} us before and "
+                               f"{row['t_copy_after_us']:.1f} us after its kernels; rerun before using")
         if prep.case.small:
             row["host_encode_fused_us"] = timer.host_encode(rf.dispatches)
             row["host_encode_unfused_us"] = timer.host_encode(ru.dispatches)
             row["host_submit_fused_us"] = timer.host_submit(rf.dispatches)
+        if self.variants and prep.case.large:
+            self._sweep(prep, rf, row)
+
+    def _sweep(self, prep: Prepared, rf: WgpuGraphRunner, row: dict) -> None:
+        """Check, then time, every WGSL candidate of the case on ``rf``'s buffers (``row["variants"]``).
+        The output is cleared to zero on the device (an unwritten row fails the check) and only
+        sampled rows are read back (:data:`SWEEP_SAMPLE_ROWS` at the start, middle and end: no
+        full-size transfers between timings)."""
+        from .norm_variants import wgsl_variants  # noqa: PLC0415
+
+        c = prep.case
+        dev = rt.device()
+        out = rf.bufs[id(rf.output.root)]
+        ceiling = self.overhead.get("copy_ceiling_gbs")
+        starts = sorted({0, max(0, c.rows // 2 - SWEEP_SAMPLE_ROWS // 2), max(0, c.rows - SWEEP_SAMPLE_ROWS)})
+        ref = prep.ref.reshape(c.rows, c.n)
+        res: dict[str, dict] = {}
+        for name, make in wgsl_variants(rf.kernels[0].node).items():
+            v: dict = {}
+            res[name] = v
+            try:
+                k = make()
+                v.update(kernel=k.entry, grid=list(k.grid), block=k.workgroup_size[0])
+                group = rt.bind_group(k, [rf.bufs[id(b.tensor.root)] for b in k.bindings],
+                                      rt.uniform_buffer(rt.pack_params(k)))
+                disp = [(rt.pipeline(k), group, k.grid)]
+                enc = dev.create_command_encoder()
+                enc.clear_buffer(out, 0, out.size)
+                encode_pass(enc, disp)
+                dev.queue.submit([enc.finish()])
+                num = den = 0.0
+                for s0 in starts:
+                    nr = min(SWEEP_SAMPLE_ROWS, c.rows - s0)
+                    raw = dev.queue.read_buffer(out, s0 * c.n * c.esize, nr * c.n * c.esize)
+                    got = np.frombuffer(bytes(raw), dtype=c.np_dtype).astype(np.float64)
+                    want = ref[s0:s0 + nr].reshape(-1).astype(np.float64)
+                    num += float(np.sum((got - want) ** 2))
+                    den += float(np.sum(want * want))
+                v["nmse_sampled"] = num / (den or 1.0)
+                if not within_tol(v["nmse_sampled"], c.dtype):
+                    v["error"] = "incorrect output"
+                    continue
+                v["t_us"] = self.timer(disp)
+                if ceiling:
+                    v["pct_ceiling"] = 100.0 * c.bytes / (v["t_us"] * 1e-6) / 1e9 / ceiling
+                if row.get("t_copy_us"):
+                    v["pct_copy"] = 100.0 * row["t_copy_us"] / v["t_us"]
+            except Exception as e:  # noqa: BLE001 - one failing candidate must not lose the case
+                v["error"] = f"{type(e).__name__}: {e}"
+        row["variants"] = res
 
     def release(self) -> None:
         if self._cur is not None:
@@ -404,6 +491,7 @@ class WgpuMeasurer(Measurer):
         for b in self._extra:
             b.destroy()
         self._extra = []
+        gc.collect()  # wgpu-py releases staging / query buffers of the case when their objects go
 
 
 __all__ = [

@@ -32,8 +32,13 @@ def derive(row: dict, ceiling_gbs: float | None, empty_us: float | None = None,
     * ``speedup_vs_<peer>`` = ``t_<peer>_us / t_fused_us`` (> 1: fused is faster), also ``_b2b``;
     * ``small_bound_us`` / ``small_ratio``: target of small cases (empty launch + bytes at the
       ceiling) and ``t_fused / bound``, from back-to-back times when both exist, else single-launch.
+      The empty launch is the row's own empty kernel with the fused kernel's signature and
+      arguments (``t_empty_sig_b2b_us`` / ``t_empty_sig_us``, cuda) when measured, else the
+      backend-wide ``empty_b2b_us`` / ``empty_us``.
     """
     nb = row["bytes"]
+    empty_us = row.get("t_empty_sig_us") or empty_us
+    empty_b2b_us = row.get("t_empty_sig_b2b_us") or empty_b2b_us
     tf = row.get("t_fused_us")
     if tf is None:
         return row

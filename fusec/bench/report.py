@@ -2,7 +2,8 @@
 
 :func:`load_results` reads the harness document (``{"schema": "fusec-bench/1", "meta",
 "backends": {name: {"meta", "notes", "overhead", "results"}}}``) and also the earlier
-``bench/bench_norm.py`` format (``{"meta", "results"}``, CUDA rows). :func:`write_benchmarks_md`
+format of the removed prototype ``bench/bench_norm.py`` (``{"meta", "results"}``, CUDA rows: the
+2026-11-21 ``-h200-norm*.json`` files; its variants are now ``fusec bench --variants``). :func:`write_benchmarks_md`
 renders, per file, the metadata (GPU, driver, versions, date), the method, the goal verdicts of
 issue 3 (:mod:`fusec.bench.goals`) and the result tables per backend.
 """
@@ -17,7 +18,7 @@ from pathlib import Path
 from ..errors import FusecError
 from .cases import LARGE_ROWS_MIN, SMALL_ROWS_MAX, TOL
 from .goals import evaluate_all
-from .table import markdown_table
+from .table import markdown_table, variant_lines
 
 
 class ResultsError(FusecError):
@@ -72,7 +73,9 @@ METHOD = f"""\
 * **Small sizes** (rows ≤ {SMALL_ROWS_MAX}): also timed back to back (many launches between two events, or many
   dispatches in one pass: per-launch time, no flush); an empty kernel is timed the same way, and the host time
   of the launch call (CUDA) or of recording / submitting one pass (wgpu) is measured. The small-size goal
-  compares back-to-back times when present: fused ≤ 1.1 × (empty launch + bytes at the copy ceiling).
+  compares back-to-back times when present: fused ≤ 1.1 × (empty launch + bytes at the copy ceiling); on CUDA
+  the empty kernel has the fused kernel's signature and is launched with its grid, block and arguments
+  (column `empty b2b µs`), so both pay the same host-side argument packing.
 * **Ratios** `× peer` = peer time / fused time (> 1: fused is faster). "Large" = rows ≥ {LARGE_ROWS_MIN}."""
 
 META_KEYS = [("gpu", "GPU"), ("driver", "driver"), ("cuda_driver_api", "CUDA driver API"),
@@ -135,6 +138,11 @@ def _backend_section(name: str, run: dict) -> list[str]:
         lines.append(f"* FLAGGED {r['pattern']} {r['dtype']} rows={r['rows']} n={r['n']}: {r['flag']}")
     if flagged:
         lines.append("")
+    sweep = variant_lines(rows)
+    if sweep:
+        lines += ["Variant sweep (`--variants`): % of the copy ceiling per candidate kernel (do_bench, 10 ms warm-up, "
+                  "40 ms of repetitions; small cases `%/b2b µs`; `x` wrong output, `!` error), the fastest and "
+                  "tuned's time over it:", "", "```", *sweep, "```", ""]
     return lines
 
 

@@ -47,6 +47,7 @@ COLUMNS: list[tuple[str, Callable[[dict], str]]] = [
     ("× F.rms_norm", _f("speedup_vs_torch_rms_norm", "{:.2f}")),
     ("× compile", _f("speedup_vs_torch_compile", "{:.2f}")),
     ("b2b µs", _f("t_fused_b2b_us", "{:.2f}")),
+    ("empty b2b µs", _f("t_empty_sig_b2b_us", "{:.2f}")),
     ("small", _f("small_ratio", "{:.2f}")),
 ]
 """(header, cell function) of every table column."""
@@ -88,4 +89,43 @@ def markdown_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["COLUMNS", "cells", "markdown_table", "rich_table", "used_columns"]
+def variant_lines(rows: list[dict]) -> list[str]:
+    """Plain-text table of the variant sweep (rows with a ``variants`` field): per case and candidate
+    the % of the copy ceiling (do_bench, L2 flushed) and, for small cases, ``/`` the back-to-back
+    µs; ``x`` = wrong output, ``!`` = error; then the best candidate by do_bench time and tuned's
+    time over the best. Empty when no row has variants."""
+    rows = [r for r in rows if r.get("variants")]
+    if not rows:
+        return []
+    names: list[str] = []
+    for r in rows:
+        names += [n for n in r["variants"] if n not in names]
+    head = f"{'case':36s}" + "".join(f"{n:>13s}" for n in names) + f"  {'best':>8s} {'tuned/best':>10s}"
+    lines = [head]
+    for r in rows:
+        cells_ = []
+        for n in names:
+            v = r["variants"].get(n)
+            if v is None:
+                c = ""
+            elif "t_us" not in v:
+                c = "x" if v.get("error") == "incorrect output" else "!"
+            else:
+                c = f"{v.get('pct_ceiling', 0):.1f}"
+                if v.get("t_b2b_us"):
+                    c += f"/{v['t_b2b_us']:.2f}"
+            cells_.append(f"{c:>13s}")
+        timed = {n: v["t_us"] for n, v in r["variants"].items() if v.get("t_us")}
+        best = min(timed, key=timed.get) if timed else ""
+        ratio = f"{timed['tuned'] / timed[best]:.3f}" if best and "tuned" in timed else ""
+        case = f"{r['pattern']} {r['dtype']} {r['rows']}x{r['n']}"
+        lines.append(f"{case:36s}" + "".join(cells_) + f"  {best:>8s} {ratio:>10s}")
+    kernels = {}
+    for r in rows:
+        for n, v in r["variants"].items():
+            kernels.setdefault(n, set()).add(v.get("kernel", "?"))
+    lines.append("kernels: " + "; ".join(f"{n}: {', '.join(sorted(k))}" for n, k in kernels.items()))
+    return lines
+
+
+__all__ = ["COLUMNS", "cells", "markdown_table", "rich_table", "used_columns", "variant_lines"]

@@ -38,6 +38,12 @@ inline float2 __half22float2(half2 h) { return {float(h.x), float(h.y)}; }
 inline half2 __floats2half2_rn(float a, float b) { return {half(a), half(b)}; }
 inline float __half2float(half h) { return float(h); }
 inline half __float2half_rn(float f) { return half(f); }
+inline float rsqrtf(float x) { return 1.0f / std::sqrt(x); }
+// a buffer pointer that converts to the kernel parameter's pointer type (float4*, fusec_half8*, ...)
+struct emu_any_ptr {
+    const void* p;
+    template <typename T> operator T*() const { return (T*)p; }
+};
 inline unsigned min(unsigned a, unsigned b) { return a < b ? a : b; }
 inline unsigned max(unsigned a, unsigned b) { return a > b ? a : b; }
 inline float __int_as_float(int i) { float f; std::memcpy(&f, &i, 4); return f; }
@@ -56,6 +62,8 @@ inline void __threadfence() { std::atomic_thread_fence(std::memory_order_seq_cst
 inline int atomicAdd(int* p, int v) { return std::atomic_ref<int>(*p).fetch_add(v); }
 // dynamic shared memory: a block-shared static array of the launch's size
 #define FUSEC_DYNAMIC_SHARED(T, name, bytes) static __attribute__((aligned(16))) T name[bytes]
+template <typename T> inline T __ldcs(const T* p) { return *p; }
+template <typename T> inline void __stcs(T* p, T v) { *p = v; }
 
 struct EmuWarp {
     std::barrier<> bar{32};

@@ -5,8 +5,11 @@ One mechanism serves the plain ggml ops (``ggml_rms_norm``, ``ggml_norm``: empty
 FUSED node with ``params["kernel"] == "norm_epilogue"`` (``rms_norm_mul``, ``rms_norm_mul_add``,
 ``norm_mul_add``, ...): :func:`plan` walks the node's decomposition into a :class:`NormPlan`,
 :func:`tune` picks the launch shape and the template renders the plan. The generated source depends
-only on dtypes, the chain and the tuning (vector width, threads per row, rows per workgroup,
-register slots); shapes, strides, offsets and eps are runtime parameters.
+only on dtypes, the chain, the tuning (vector width, threads per row, rows per workgroup,
+register slots; CUDA: persistent grid, next-row prefetch, streaming hints; the tuning follows the
+row length and, on CUDA, the class of the row count) and, on CUDA, the layout class (dense rows,
+operands that are one row or span the row: :func:`_layout`); shapes, strides, offsets and eps are
+runtime parameters.
 """
 
 from __future__ import annotations
@@ -91,12 +94,21 @@ class NormPlan:
 @dataclass(frozen=True)
 class Tuning:
     """Launch shape baked into the source: vector width, threads per row (power of two, >= 32),
-    rows per workgroup, register slots per thread (0: stream the row from memory in each pass)."""
+    rows per workgroup, register slots per thread (0: stream the row from memory in each pass).
+    CUDA only: ``persist`` > 0 makes the grid persistent (about ``persist`` one-row blocks per SM,
+    each looping over rows with a grid stride; needs a resident row and no prologue), ``pn`` loads
+    the next row before the current row's reduction (persistent, or WGSL ``seq``), ``cs`` uses
+    cache-streaming loads (x, per-row operands) and stores. WGSL only: ``seq`` > 1 makes each
+    one-row workgroup compute ``seq`` consecutive rows one after another (resident row, no prologue)."""
 
     vec: int
     tpr: int
     rows: int
     slots: int
+    persist: int = 0
+    pn: bool = False
+    cs: bool = False
+    seq: int = 0
 
     @property
     def workgroup(self) -> int:
@@ -186,7 +198,24 @@ VECS_PER_THREAD = 4  # vectors each thread keeps in flight (64 bytes of x per th
 MAX_CACHED_BYTES = 128  # CUDA: per-thread budget (bytes of x in storage type) for the row kept resident
 
 
-def tune(node: Tensor, p: NormPlan, backend: str, vpt: int = VECS_PER_THREAD) -> Tuning:
+CUDA_OPTS = {
+    "sms": 132,  # SMs the persistent grid is sized for (H200); the kernel is correct for any grid
+    "persist": True,  # persistent grid-stride blocks for many rows (see tune)
+    "persist_rows_per_block": 8,  # ... when every persistent block gets at least this many rows
+    "persist_threads_per_sm": 512,  # resident threads per SM of the persistent grid (blocks = this / tpr)
+    "persist_bytes": 64,  # bytes of x per thread per row in registers (double-buffered with pn)
+    "persist_pn": True,  # next row loaded before this row's reduction
+    "streaming": False,  # ld.global.cs / st.global.cs for x, per-row operands, dst
+    "small_fill_threads": 1024,  # few rows: more threads per row while rows * tpr * 2 <= sms * this
+    "small_tpr_max": 512,  # ... up to this many threads per row
+    "dense": True,  # row offsets without index division where the layout allows (see _layout)
+}
+"""CUDA code-generation choices of :func:`tune` (benchmarks compare variants by overriding them:
+``tune(..., opts={...})``)."""
+
+
+def tune(node: Tensor, p: NormPlan, backend: str, vpt: int = VECS_PER_THREAD, *,
+         opts: dict | None = None) -> Tuning:
     """Launch shape from the row length, dtypes and alignment.
 
     Vector width: 16-byte vectors when every bound tensor allows them (:func:`_vec_ok`): 8 halves
@@ -197,7 +226,16 @@ def tune(node: Tensor, p: NormPlan, backend: str, vpt: int = VECS_PER_THREAD) ->
     one row needs a single warp (short rows). Register slots: the row of x stays in registers when
     it fits the per-thread budget (``MAX_CACHED_BYTES`` on CUDA, ``MAX_CACHED_FLOATS`` elsewhere):
     x is read once and the operands' loads are issued together with x's, before the reduction.
-    Longer rows are streamed (one pass over memory per reduction plus one for the output)."""
+    Longer rows are streamed (one pass over memory per reduction plus one for the output).
+
+    CUDA, from the number of rows (:data:`CUDA_OPTS`, overridden by ``opts``): when few rows do not
+    fill the GPU (``rows * tpr * 2 <= sms * small_fill_threads``) the threads per row double (up to
+    ``small_tpr_max``; fewer serial loads per thread, more warps hiding the one DRAM round trip).
+    When every block of a persistent grid (``persist_threads_per_sm / tpr`` blocks per SM) would
+    get ``persist_rows_per_block`` rows or more (no prologue, resident row), the kernel is
+    persistent: ``persist_bytes`` of x per thread per row (double-buffered when ``persist_pn``:
+    the next row's loads are in flight during this row's reduction and stores; one block start
+    per ``rows / grid`` rows instead of one per row)."""
     tensors = [node.src[i] for i in p.inputs] + [node]
     if (so := _sum_output(node, p)) is not None:
         tensors.append(so)
@@ -222,7 +260,25 @@ def tune(node: Tensor, p: NormPlan, backend: str, vpt: int = VECS_PER_THREAD) ->
     if not fits(slots):
         slots = 0
     rows = max(1, MIN_WG[backend] // tpr) if tpr == SIMD else 1
-    return Tuning(vec, tpr, rows, slots)
+    if backend != "cuda":
+        return Tuning(vec, tpr, rows, slots)
+    o = {**CUDA_OPTS, **(opts or {})}
+    x = node.src[p.x]
+    nrows = x.ne[1] * x.ne[2] * x.ne[3]
+    if rows == 1 and slots:
+        # few rows (the GPU not filled): more threads per row, fewer serial slots per thread
+        while (tpr < o["small_tpr_max"] and slots > 1 and nrows * tpr * 2 <= o["sms"] * o["small_fill_threads"]):
+            tpr *= 2
+            slots = _pow2ceil(-(-nvec // tpr))
+    cs = bool(o["streaming"])
+    if o["persist"] and rows == 1 and slots and p.prologue is None:
+        ps = max(1, o["persist_bytes"] // (vec * esize))  # slots per thread in the persistent kernel
+        ptpr = min(max(_pow2ceil(-(-nvec // ps)), SIMD), MAX_TPR[backend])
+        pslots = _pow2ceil(-(-nvec // ptpr))
+        per_sm = max(1, o["persist_threads_per_sm"] // ptpr)
+        if fits(pslots) and nrows >= o["persist_rows_per_block"] * per_sm * o["sms"]:
+            return Tuning(vec, ptpr, 1, pslots, per_sm, bool(o["persist_pn"]), cs)
+    return Tuning(vec, tpr, rows, slots, cs=cs)
 
 
 def _entry(p: NormPlan, bindings: list[Binding], tu: Tuning) -> str:
@@ -230,7 +286,12 @@ def _entry(p: NormPlan, bindings: list[Binding], tu: Tuning) -> str:
     name = f"{p.name}{'_sum' if p.prologue and p.prologue.output else ''}_{'_'.join(dts)}_v{tu.vec}_t{tu.tpr}"
     if tu.rows > 1:
         name += f"_r{tu.rows}"
-    return name + (f"_k{tu.slots}" if tu.slots else "_stream")
+    name += f"_k{tu.slots}" if tu.slots else "_stream"
+    if tu.persist:
+        name += f"_p{tu.persist}" + ("n" if tu.pn else "")
+    if tu.seq:
+        name += f"_s{tu.seq}" + ("n" if tu.pn else "")
+    return name + ("_cs" if tu.cs else "")
 
 
 def _grid(nwg: int, balanced: bool = False) -> tuple[int, int, int]:
@@ -286,15 +347,72 @@ def emit_norm_epilogue(node: Tensor, backend: str) -> Kernel:
     return build(node, backend)
 
 
+def _dense_rows(t: Tensor) -> bool:
+    """Row ``r`` of ``t`` starts at ``offs + r * nb1`` (rows evenly spaced across dims 1..3)."""
+    nb = elem_strides(t)
+    return ((t.ne[2] == 1 or nb[2] == t.ne[1] * nb[1])
+            and (t.ne[3] == 1 or nb[3] == t.ne[1] * t.ne[2] * nb[1]))
+
+
+def _layout(node: Tensor, p: NormPlan) -> dict:
+    """Layout classes the CUDA template specializes on (template variables ``DENSE``, ``INV``,
+    ``FULL``): bindings whose row offset is ``offs + row * nb1`` (x, dst, the sum output and
+    operands with x's rows), operands that are a single row broadcast to all rows, operands spanning
+    the whole row (no ``i % ne0``)."""
+    x = node.src[p.x]
+    dense, inv, full = [], [], []
+    if _dense_rows(x):
+        dense.append(f"src{p.x}")
+    if _dense_rows(node):
+        dense.append("dst")
+    so = _sum_output(node, p)
+    if so is not None and _dense_rows(so):
+        dense.append(f"out{p.prologue.output}")
+    ops = {s.operand for s in p.steps} | ({p.prologue.operand} if p.prologue else set())
+    for i in sorted(ops - {p.x}):
+        t = node.src[i]
+        if tuple(t.ne[1:]) == (1, 1, 1):
+            inv.append(f"src{i}")
+        elif tuple(t.ne[1:]) == tuple(x.ne[1:]) and _dense_rows(t):
+            dense.append(f"src{i}")
+        if t.ne[0] == x.ne[0]:
+            full.append(f"src{i}")
+    return {"DENSE": dense, "INV": inv, "FULL": full}
+
+
+def persistent_grid(nrows: int, per_sm: int, sms: int | None = None) -> int:
+    """Blocks of a persistent grid: about ``per_sm * sms`` blocks, as many as needed for an even
+    share of rows (``ceil(rows / ceil(rows / target))``: every block gets the same number of rows
+    but the last ones, at most one fewer)."""
+    target = max(1, per_sm * (sms or CUDA_OPTS["sms"]))
+    rpb = -(-nrows // target)
+    return max(1, min(-(-nrows // rpb), MAX_GRID))
+
+
 def build(node: Tensor, backend: str, tuning: Tuning | None = None, *, prefetch: bool = True,
-          params_by_pointer: bool = False) -> Kernel:
+          params_by_pointer: bool = False, dense: bool | None = None) -> Kernel:
     """:func:`emit_norm_epilogue` with its choices open (for benchmarks comparing variants):
     ``tuning`` replaces :func:`tune`'s; ``prefetch=False`` loads the operands after the reduction
     instead of together with x; ``params_by_pointer=True`` (CUDA) reads the parameter struct
     through a pointer to device memory (the calling convention before params went by value; launch
-    it with :func:`fusec.backends.cuda_runtime.params_array`)."""
+    it with :func:`fusec.backends.cuda_runtime.params_array`); ``dense=False`` (CUDA) leaves out
+    the layout specializations (:func:`_layout`: index division for every row offset, as before).
+    A persistent ``tuning`` (CUDA) runs :func:`persistent_grid` blocks."""
     p = plan(node)
     tu = tuning or tune(node, p, backend)
+    if tu.persist and (backend != "cuda" or not tu.slots or p.prologue is not None or tu.rows != 1):
+        raise CodegenError(f"node {node.name!r}: a persistent norm_epilogue kernel needs CUDA, a resident row "
+                           f"(slots > 0), no prologue and one row per block (got {tu})")
+    if tu.cs and backend != "cuda":
+        raise CodegenError(f"node {node.name!r}: cache-streaming loads are CUDA only (got {tu})")
+    if tu.seq and (backend != "wgsl" or not tu.slots or p.prologue is not None or tu.rows != 1):
+        raise CodegenError(f"node {node.name!r}: rows one after another (seq) need WGSL, a resident row, no "
+                           f"prologue and one row per workgroup (got {tu})")
+    if tu.pn and not (tu.persist or tu.seq):
+        raise CodegenError(f"node {node.name!r}: next-row prefetch needs a persistent (CUDA) or seq (WGSL) "
+                           f"tuning (got {tu})")
+    if tu.persist:
+        prefetch = True  # the persistent body keeps every operand in registers
     x = node.src[p.x]
     bindings = [Binding(f"src{i}", node.src[i], node.src[i].dtype) for i in p.inputs]
     bindings.append(Binding("dst", node, node.dtype, write=True))
@@ -303,7 +421,16 @@ def build(node: Tensor, backend: str, tuning: Tuning | None = None, *, prefetch:
         bindings.append(Binding(f"out{p.prologue.output}", so, so.dtype, write=True))
     nrows = x.ne[1] * x.ne[2] * x.ne[3]
     wgsl = backend == "wgsl"
-    grid = _grid(-(-nrows // tu.rows), balanced=wgsl and WGSL_OPTS["balanced_grid"])
+    if tu.persist:
+        grid = (persistent_grid(nrows, tu.persist), 1, 1)
+    elif tu.seq:
+        grid = _grid(-(-nrows // tu.seq), balanced=WGSL_OPTS["balanced_grid"])
+    else:
+        grid = _grid(-(-nrows // tu.rows), balanced=wgsl and WGSL_OPTS["balanced_grid"])
+    cuda_ctx = {}
+    if backend == "cuda":
+        use_dense = CUDA_OPTS["dense"] if dense is None else dense
+        cuda_ctx = {**(_layout(node, p) if use_dense else {}), "CS": tu.cs, "PERSIST": tu.persist, "PN": tu.pn}
     params = []
     for i in p.inputs:
         params += layout_params(f"src{i}", node.src[i])
@@ -326,10 +453,12 @@ def build(node: Tensor, backend: str, tuning: Tuning | None = None, *, prefetch:
              {"b": f"src{p.prologue.operand}", "out": None if so is None else f"out{p.prologue.output}"}),
         bindings=bindings, types={b.name: types[b.dtype] for b in bindings}, params=params,
         V=tu.vec, TPR=tu.tpr, R=tu.rows, K=tu.slots, SIMD=SIMD, PREFETCH=prefetch, PBP=params_by_pointer,
-        **(_wgsl_context(p, tu, prefetch) if wgsl else {}),
+        **(_wgsl_context(p, tu, prefetch and not tu.seq) if wgsl else {}), **cuda_ctx,
+        SEQ=tu.seq, SPN=tu.pn and bool(tu.seq),
     )
     return Kernel(backend, "norm_epilogue", entry, source, bindings, params, (tu.workgroup, 1, 1), grid, node,
                   meta={"plan": p, "tuning": tu, "params_by_pointer": params_by_pointer})
 
 
-__all__ = ["EpilogueStep", "NormPlan", "Prologue", "Tuning", "build", "emit_norm_epilogue", "plan", "tune"]
+__all__ = ["CUDA_OPTS", "EpilogueStep", "NormPlan", "Prologue", "Tuning", "build", "emit_norm_epilogue",
+           "persistent_grid", "plan", "tune"]
