@@ -55,11 +55,15 @@ test_every_cuda_variant_compiles_with_nvcc, test_every_msl_variant_passes_the_sh
     (Case("rms_norm_mul", "f32", 1, 4096), "rms_norm_mul_f32_v4_t512_k2"),
     (Case("rms_norm_mul", "f16", 512, 4096), "rms_norm_mul_f16_v8_t256_k2"),
     (Case("rms_norm_mul", "f32", 512, 4096), "rms_norm_mul_f32_v4_t256_k4"),
+    (Case("rms_norm_mul", "f32", 8192, 4096), "rms_norm_mul_f32_v4_t256_k4"),  # persistent grid off (H200 sweep)
     (Case("rms_norm_mul", "f32", 8192, 4096), "rms_norm_mul_f32_v4_t256_k4_p2n"),
     (Case("rms_norm_mul_add", "f32", 65536, 8192), "rms_norm_mul_add_f32_v4_t512_k4_p1n"),
     (Case("rms_norm_mul_add", "f16", 8192, 4096), "rms_norm_mul_add_f16_v8_t128_k4_p4n"),
 ])
-def test_cuda_tuning_follows_the_row_count(case, entry):
+def test_cuda_tuning_follows_the_row_count(case, entry, monkeypatch):
+    """The default (one block per row for many rows) and, with ``CUDA_OPTS["persist"]`` on (an entry with
+    ``_p``), the persistent grid: an even share of the rows per block, no idle block."""
+    monkeypatch.setitem(ne.CUDA_OPTS, "persist", "_p" in entry)
     k = emit(_node(case), "cuda")
     assert k.entry == entry
     if k.meta["tuning"].persist:

@@ -200,7 +200,9 @@ MAX_CACHED_BYTES = 128  # CUDA: per-thread budget (bytes of x in storage type) f
 
 CUDA_OPTS = {
     "sms": 132,  # SMs the persistent grid is sized for (H200); the kernel is correct for any grid
-    "persist": True,  # persistent grid-stride blocks for many rows (see tune)
+    "persist": False,  # persistent grid-stride blocks for many rows (see tune). Off: H200 sweep (2026-11-21,
+    # bench/results/2026-11-21-h200-cuda.json) -- never faster than one block per row at rows >= 8192
+    # (rms_norm_mul f32 8192x4096: 85.2 % vs 89.9 %; mul_add f16 8192x4096: 85.4 % vs 89.1 %)
     "persist_rows_per_block": 8,  # ... when every persistent block gets at least this many rows
     "persist_threads_per_sm": 512,  # resident threads per SM of the persistent grid (blocks = this / tpr)
     "persist_bytes": 64,  # bytes of x per thread per row in registers (double-buffered with pn)
