@@ -49,6 +49,7 @@ inline float __int_as_float(int i) { float f; std::memcpy(&f, &i, 4); return f; 
 #define __align__(n) __attribute__((aligned(n)))
 
 template <typename T> inline T __ldg(const T* p) { return *p; }
+template <typename T> inline T __ldcs(const T* p) { return *p; }
 
 struct EmuWarp {
     std::barrier<> bar{32};
