@@ -78,8 +78,7 @@ int main() {
         for b in k.bindings:
             key = ("s", b.scratch) if b.scratch else ("t", b.tensor.root.name)
             j = keys.index(key)
-            ct = bufs[key][1]
-            args.append(f"({'' if b.write else 'const '}{ct}*)b{j}.data()")
+            args.append(f"EmuPtr{{b{j}.data()}}")  # converts to the parameter's type (vector loads)
         g, w = k.grid, k.workgroup_size
         src.append(f"    emu_launch(k{i}::{k.entry}, make_uint3({g[0]}, {g[1]}, {g[2]}), "
                    f"make_uint3({w[0]}, {w[1]}, {w[2]}), {', '.join(args)}, p{i});\n")

@@ -50,6 +50,11 @@ inline float __int_as_float(int i) { float f; std::memcpy(&f, &i, 4); return f; 
 
 template <typename T> inline T __ldg(const T* p) { return *p; }
 template <typename T> inline T __ldcs(const T* p) { return *p; }
+// a buffer argument: converts to the kernel's parameter pointer type (half*, float4*, vector structs)
+struct EmuPtr {
+    void* p;
+    template <typename T> operator T*() const { return static_cast<T*>(p); }
+};
 
 struct EmuWarp {
     std::barrier<> bar{32};

@@ -203,26 +203,38 @@ def _pow2floor(v: int) -> int:
     return 1 << max(0, v.bit_length() - 1)
 
 
+def _vec(node: Tensor, p: GemvPlan, backend: str) -> int:
+    ws = [node.src[i] for i in p.weights]
+    x = node.src[p.x]
+    if (backend == "cuda" and all(w.dtype == DType.F16 for w in ws) and all(_vec_ok(w, 8) for w in ws)
+            and _vec_ok(x, 4)):
+        return 8
+    if all(_vec_ok(w, 4) for w in ws) and _vec_ok(x, 4):
+        return 4
+    return 1
+
+
 def tune(node: Tensor, p: GemvPlan, backend: str) -> Tuning:
     """Vector width: 8 halves (16 bytes) on CUDA when every weight is f16 and 8-aligned (and ``x``
     4-aligned), else 4 (16-byte f32 / 8-byte f16 loads) when weights and ``x`` are 4-aligned, else 1.
 
     CUDA: the streaming body on a persistent grid (:func:`_tune_stream`). WGSL / MSL: the classic
-    body; threads per row: 32 (one warp or simdgroup per row, several rows per workgroup) unless
-    there are too few rows to keep ``TARGET_THREADS`` threads busy; then up to ``MAX_TPR`` threads
-    split K, as long as each keeps at least ``unroll`` vectors."""
-    ws = [node.src[i] for i in p.weights]
-    x = node.src[p.x]
-    vec = 1
-    if (backend == "cuda" and all(w.dtype == DType.F16 for w in ws) and all(_vec_ok(w, 8) for w in ws)
-            and _vec_ok(x, 4)):
-        vec = 8
-    elif all(_vec_ok(w, 4) for w in ws) and _vec_ok(x, 4):
-        vec = 4
-    K, M = ws[0].ne[0], ws[0].ne[1]
-    nvec = -(-K // vec)
+    body (:func:`tune_classic`)."""
     if backend == "cuda":
-        return _tune_stream(vec, nvec, M, len(ws))
+        w = node.src[p.weights[0]]
+        vec = _vec(node, p, backend)
+        return _tune_stream(vec, -(-w.ne[0] // vec), w.ne[1], len(p.weights))
+    return tune_classic(node, p, backend)
+
+
+def tune_classic(node: Tensor, p: GemvPlan, backend: str) -> Tuning:
+    """The classic body's tuning (every backend; tune()'s choice on WGSL / MSL, kept on CUDA for
+    comparison): threads per row 32 (one warp or simdgroup per row, several rows per workgroup)
+    unless there are too few rows to keep ``TARGET_THREADS`` threads busy; then up to ``MAX_TPR``
+    threads split K, as long as each keeps at least ``unroll`` vectors."""
+    vec = _vec(node, p, backend)
+    K, M = node.src[p.weights[0]].ne[0], node.src[p.weights[0]].ne[1]
+    nvec = -(-K // vec)
     tpr = SIMD
     while (tpr < MAX_TPR[backend] and M * tpr < TARGET_THREADS[backend]
            and nvec >= 2 * tpr * UNROLL):
@@ -343,4 +355,4 @@ def build(node: Tensor, backend: str, tuning: Tuning | None = None, sms: int = C
                   meta={"plan": p, "tuning": tu})
 
 
-__all__ = ["GemvPlan", "Step", "Tuning", "build", "emit_gemv_epilogue", "plan", "tune"]
+__all__ = ["GemvPlan", "Step", "Tuning", "build", "emit_gemv_epilogue", "plan", "tune", "tune_classic"]
