@@ -326,13 +326,16 @@ def main() -> int:
     props = cp.cuda.runtime.getDeviceProperties(0)
     sms = int(props["multiProcessorCount"])
     rng = cp.random.default_rng(1234)
-    results = [run_case(cp, timeit, timeit_fast, rng, ceiling, sms, *case, args.quick) for case in CASES]
     gpu = props["name"].decode()
     meta = {"date": dt.date.today().isoformat(), "host": platform.node(), "gpu": gpu, "sms": sms,
             "copy_ceiling_gbs": ceiling, "timing": "triton.testing.do_bench median, L2 flushed",
-            "gbs_on": "weight bytes", "rel_bound": REL_BOUND, "quick": args.quick,
-            "wall_s": time.perf_counter() - t0}
-    Path(args.out).write_text(json.dumps({"meta": meta, "results": results}, indent=1))
+            "gbs_on": "weight bytes", "rel_bound": REL_BOUND, "quick": args.quick}
+    results = []
+    for case in CASES:  # the JSON is rewritten after each case: a timeout keeps the finished ones
+        results.append(run_case(cp, timeit, timeit_fast, rng, ceiling, sms, *case, args.quick))
+        meta["wall_s"] = time.perf_counter() - t0
+        meta["complete"] = len(results) == len(CASES)
+        Path(args.out).write_text(json.dumps({"meta": meta, "results": results}, indent=1))
     print(f"\ncopy ceiling {ceiling:.0f} GB/s (1 GiB device copy), {sms} SMs, {meta['wall_s']:.0f} s")
     nan = float("nan")
     hdr = f"{'case':24s} {'KxM':>10s} {'fused us':>9s} {'again':>7s} {'%copy':>6s} {'best%':>6s} " \
