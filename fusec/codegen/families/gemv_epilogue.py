@@ -270,7 +270,7 @@ def _grid(nwg: int) -> tuple[int, int, int]:
 def _persistent_grid(nwg: int, blocks: int) -> tuple[int, int, int]:
     """At most ``blocks`` blocks (and ``MAX_GRID``) with every row slot given the same number of row
     groups, ``ceil(nwg / grid)`` (the last slots fewer when ``nwg`` is not a multiple)."""
-    per = -(-nwg // max(1, min(blocks, MAX_GRID)))
+    per = max(1, -(-nwg // max(1, min(blocks, MAX_GRID))))
     return (max(1, -(-nwg // per)), 1, 1)
 
 
