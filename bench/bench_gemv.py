@@ -9,15 +9,27 @@ variants, ``gemv_epilogue.build``) is checked first against a float64 reference 
 random inputs per variant; bound 1e-5), then timed next to:
 
 * the copy ceiling: a device-to-device copy of 1 GiB (bytes read + bytes written over time);
-* back-to-back (``b2b``): the default kernel launched over R weight copies (>= 256 MB in all) in one
+* back-to-back (``b2b``): every variant launched over R weight copies (>= 256 MB in all) in one
   captured CUDA graph, time per launch (no launch gaps, no L2 reuse: a decode step's steady state),
   the cuBLAS + epilogue sequence likewise; and an empty kernel of the same grid (single-launch floor);
 * cuBLAS through CuPy: ``cupy.matmul`` of the weight (its storage dtype) with x in the same dtype,
   one per MUL_MAT, plus fusec's own unfused epilogue kernel (SWIGLU / GEGLU ``glu`` or ``binary``
   ADD) on the products (f16 products for f16 weights: the weights are read once, at 2 bytes each).
 
-Timing: ``triton.testing.do_bench`` (L2 flushed between repetitions, median). GB/s is on the weight
-bytes only (the bytes a GEMV cannot avoid); ``% copy`` = GB/s over the copy ceiling.
+Variants (:func:`variants`): ``default`` (``gemv_epilogue.tune``), ``classic`` (the classic body's
+tuning, ``tune_classic``: the default before the streaming body), classic with all loads before the
+FMAs, and streaming-body tunings (``s_t<tpr>_u<unroll>_p<blocks per SM>_<load hint>``) over threads
+per row, loads per chunk, persistent grid size and load hint -- the full sweep for the two FFN
+cases, a short list for the others. Each variant is checked, then timed single-launch and b2b.
+Per case the result reports the default and, separately, the best variant in each mode
+(``best_b2b_variant`` / ``best_b2b_tuning``: what ``tune()`` should pick), so tune() can be updated
+from one run.
+
+Timing: ``triton.testing.do_bench`` (L2 flushed between repetitions, median; variants with a
+shorter warmup/rep than the default and the baselines). GB/s is on the weight bytes only (the
+bytes a GEMV cannot avoid); ``% copy`` = GB/s over the copy ceiling. Persistent grids are sized for
+the device's SM count. About 100-150 s on an H200 (``--quick``: default, classic and two
+alternatives per case, about 30 s).
 
 Usage: python bench/bench_gemv.py [--out results.json] [--quick]
 """
@@ -29,6 +41,7 @@ import datetime as dt
 import json
 import platform
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -89,16 +102,56 @@ def reference(cp, kind, vals, K, M):
     return 0.5 * g * (1.0 + cp.tanh(np.sqrt(2.0 / np.pi) * g * (1.0 + 0.044715 * g * g))) * u
 
 
-def variants(node, p):
+FULL_SWEEP = {("swiglu", 2048, "f16"), ("add", 8192, "f16")}  # the f16 FFN cases: every variant; others: a short list
+
+
+def variants(node, p, kind, K, wdt, quick=False):
+    """``{name: Tuning}``, ``default`` first; names unique, tunings deduplicated (a variant equal to the
+    default is not timed twice)."""
     base = ge.tune(node, p, "cuda")
-    out = {"default": base}
-    for tpr in (32, 64, 128, 256):
+    vec = base.vec
+    nvec = node.src[p.weights[0]].ne[0] // vec
+    out = {"default": base, "classic": ge.tune_classic(node, p, "cuda")}
+
+    def stream(tpr, unroll, persist, ld="na"):
+        rows = 4 if tpr == 32 else 1
+        if unroll * tpr > nvec:  # a chunk longer than the row: fewer loads per thread
+            unroll = max(1, 1 << max(0, (nvec // tpr).bit_length() - 1))
+        tu = ge.Tuning(vec, tpr, rows, unroll, True, persist, ld)
+        name = f"s_t{tpr}_u{unroll}_p{persist}_{ld or 'plain'}"
+        out.setdefault(name, tu)
+
+    if quick:
+        stream(32, 8, 4)
+        stream(128, 4, 4)
+    elif (kind, K, wdt) in FULL_SWEEP:
+        for tpr, rows, unroll in ((32, 4, 8), (128, 1, 8), (256, 1, 4)):
+            out.setdefault(f"classic_t{tpr}_u{unroll}", ge.Tuning(vec, tpr, rows, unroll))
         for unroll in (2, 4, 8):
-            tu = ge.Tuning(base.vec, tpr, 4 if tpr == 32 else 1, unroll)
-            out.setdefault(f"t{tpr}_u{unroll}", tu)
-    if base.vec == 8:
-        out["vec4"] = ge.Tuning(4, base.tpr, base.rows, base.unroll)
-    return out
+            for persist in (2, 4, 8):
+                stream(32, unroll, persist)
+            stream(32, unroll, 0)
+        for ld in ("", "cs"):
+            stream(32, base.unroll, 4, ld)
+            stream(32, 8 if base.unroll != 8 else 4, 4, ld)
+        for tpr in (64, 128, 256):
+            for unroll in (4, 8):
+                stream(tpr, unroll, 16 * 32 // tpr)
+                stream(tpr, unroll, 0)
+    else:
+        out.setdefault("classic_t32_u8", ge.Tuning(vec, 32, 4, 8))
+        for unroll in (4, 8):
+            stream(32, unroll, 4)
+        stream(32, 8, 8)
+        stream(32, 4, 4, "")
+        stream(128, 4, 4)
+        stream(256, 4, 2)
+    seen, uniq = set(), {}
+    for name, tu in out.items():
+        if tu not in seen:
+            seen.add(tu)
+            uniq[name] = tu
+    return uniq
 
 
 def graph_time(cp, timeit, body) -> float:
@@ -127,8 +180,9 @@ def copy_ceiling(cp, timeit) -> float:
     return 2 * 2 * n / t / 1e9
 
 
-def run_case(cp, timeit, rng, ceiling, name, kind, K, M, wdt, quick):
-    """Check every variant of one case, then time it, its repeat and the cuBLAS baseline."""
+def run_case(cp, timeit, timeit_fast, rng, ceiling, sms, name, kind, K, M, wdt, quick):
+    """Check every variant of one case, then time it single-launch and back-to-back; the default's
+    repeat and the cuBLAS baseline."""
     g = build_graph(kind, K, M, wdt)
     fused, _ = rewrite(g, default_patterns())
     node = fused.outputs[0]
@@ -142,10 +196,20 @@ def run_case(cp, timeit, rng, ceiling, name, kind, K, M, wdt, quick):
                          (1.0 / np.sqrt(K) if t.name.startswith("w") else 1.0)).astype(t.dtype.np)
                 for t in g.leaves}
 
-    vs = variants(node, p) if not quick else {"default": ge.tune(node, p, "cuda")}
+    def gbs(t):
+        return wbytes / t / 1e9 if t == t else None
+
+    def pct(t):
+        return 100 * wbytes / t / 1e9 / ceiling if t == t else None
+
+    vs = variants(node, p, kind, K, wdt, quick)
+    # back-to-back: R launches over R weight copies (>= 256 MB in all, so no copy stays in L2),
+    # captured in a CUDA graph (no CPU launch gaps): the steady state of a decode step
+    R = max(2, min(32, -(-(256 << 20) // wbytes)))
+    sets = [fresh() for _ in range(R)]
     timings = {}
     for vname, tu in vs.items():
-        k = ge.build(node, "cuda", tu)
+        k = ge.build(node, "cuda", tu, sms=sms)
         vals = fresh()
         bufs = [vals[b.tensor.root.name] if not b.write else cp.full(M, cp.nan, cp.float32) for b in k.bindings]
         prm = cr.params_value(k)
@@ -155,24 +219,28 @@ def run_case(cp, timeit, rng, ceiling, name, kind, K, M, wdt, quick):
         out = bufs[-1].astype(cp.float64)
         rel = float(cp.linalg.norm(out - ref) / cp.linalg.norm(ref))
         ok = bool(cp.all(cp.isfinite(out))) and rel <= REL_BOUND
-        t = timeit(lambda k=k, bufs=bufs, prm=prm: cr.launch(k, bufs, prm)) if ok else float("nan")
-        timings[vname] = {"entry": k.entry, "tuning": vars(tu), "rel_err": rel, "ok": ok, "s": t,
-                          "gbs": wbytes / t / 1e9 if ok else None}
-        print(f"  {name:26s} {vname:9s} {k.entry:48s} rel {rel:.1e} "
-              f"{'OK ' if ok else 'BAD'} {t * 1e6:8.2f} us", flush=True)
+        t = t_b2b = float("nan")
+        if ok:
+            tf = timeit if vname == "default" else timeit_fast
+            t = tf(lambda k=k, bufs=bufs, prm=prm: cr.launch(k, bufs, prm))
+            seq_bufs = [[v[b.tensor.root.name] if not b.write else cp.full(M, cp.nan, cp.float32)
+                         for b in k.bindings] for v in sets]
+            t_b2b = graph_time(cp, tf, lambda st, k=k, sb=seq_bufs, prm=prm:
+                               [cr.launch(k, bb, prm, stream=st) for bb in sb]) / R
+            del seq_bufs
+        timings[vname] = {"entry": k.entry, "tuning": vars(tu), "grid": list(k.grid),
+                          "block": k.workgroup_size[0], "rel_err": rel, "ok": ok,
+                          "s": t, "gbs": gbs(t), "pct_copy": pct(t),
+                          "b2b_s": t_b2b, "b2b_gbs": gbs(t_b2b), "b2b_pct_copy": pct(t_b2b)}
+        print(f"  {name:24s} {vname:20s} {k.entry:52s} grid {k.grid[0]:5d} rel {rel:.1e} "
+              f"{'OK ' if ok else 'BAD'} {t * 1e6:7.2f} us {pct(t) or float('nan'):5.1f}% | b2b "
+              f"{t_b2b * 1e6:7.2f} us {pct(t_b2b) or float('nan'):5.1f}%", flush=True)
     # same version timed twice: the spread
-    k = ge.build(node, "cuda", vs["default"])
+    k = ge.build(node, "cuda", vs["default"], sms=sms)
     vals = fresh()
     bufs = [vals[b.tensor.root.name] if not b.write else cp.full(M, cp.nan, cp.float32) for b in k.bindings]
     prm = cr.params_value(k)
     t_again = timeit(lambda: cr.launch(k, bufs, prm))
-    # back-to-back: R launches over R weight copies (>= 256 MB in all, so no copy stays in L2),
-    # captured in a CUDA graph (no CPU launch gaps): the steady state of a decode step
-    R = max(2, min(32, -(-(256 << 20) // wbytes)))
-    sets = [fresh() for _ in range(R)]
-    seq_bufs = [[v[b.tensor.root.name] if not b.write else cp.full(M, cp.nan, cp.float32) for b in k.bindings]
-                for v in sets]
-    t_seq = graph_time(cp, timeit, lambda st: [cr.launch(k, bb, prm, stream=st) for bb in seq_bufs]) / R
     # cuBLAS (cupy.matmul) per MUL_MAT + fusec's epilogue kernel
     cdt = cp.float16 if wdt == "f16" else cp.float32
     x_c = vals["x"].reshape(K, 1).astype(cdt)
@@ -212,17 +280,27 @@ def run_case(cp, timeit, rng, ceiling, name, kind, K, M, wdt, quick):
     except Exception as e:  # cuBLAS under stream capture may be refused
         print(f"  cuBLAS graph capture failed: {e}")
         t_unf_seq = None
-    best = min((v for v in timings.values() if v["ok"]), key=lambda v: v["s"])
+    okv = {n: v for n, v in timings.items() if v["ok"]}
+    if not okv:
+        raise SystemExit(f"{name}: no variant passed the correctness check")
+    best_n = min(okv, key=lambda n: okv[n]["s"])
+    best_b = min(okv, key=lambda n: okv[n]["b2b_s"])
+    best, bb = okv[best_n], okv[best_b]
     d = timings["default"]
+    t_seq = d["b2b_s"]
     res = {"case": name, "kind": kind, "K": K, "M": M, "weight_dtype": wdt, "weight_bytes": wbytes,
-           "variants": timings, "default_s": d["s"], "default_again_s": t_again,
-           "default_gbs": d["gbs"], "default_pct_copy": 100 * d["gbs"] / ceiling,
-           "best_variant": best["entry"], "best_gbs": best["gbs"], "best_pct_copy": 100 * best["gbs"] / ceiling,
+           "sms": sms, "variants": timings, "default_tuning": d["tuning"], "default_ok": d["ok"],
+           "default_s": d["s"], "default_again_s": t_again,
+           "default_gbs": d["gbs"], "default_pct_copy": d["pct_copy"],
+           "best_variant": best_n, "best_entry": best["entry"], "best_tuning": best["tuning"],
+           "best_gbs": best["gbs"], "best_pct_copy": best["pct_copy"],
+           "best_b2b_variant": best_b, "best_b2b_entry": bb["entry"], "best_b2b_tuning": bb["tuning"],
+           "best_b2b_s": bb["b2b_s"], "best_b2b_gbs": bb["b2b_gbs"], "best_b2b_pct_copy": bb["b2b_pct_copy"],
            "cublas_plus_epilogue_s": t_unf, "cublas_plus_epilogue_gbs": wbytes / t_unf / 1e9,
            "cublas_plus_epilogue_rel_err": rel_u, "cublas_only_s": t_blas,
-           "cublas_only_gbs": wbytes / t_blas / 1e9, "speedup_vs_cublas_plus_epilogue": t_unf / d["s"],
-           "b2b_copies": R, "b2b_s": t_seq, "b2b_gbs": wbytes / t_seq / 1e9,
-           "b2b_pct_copy": 100 * wbytes / t_seq / 1e9 / ceiling,
+           "cublas_only_gbs": wbytes / t_blas / 1e9,
+           "speedup_vs_cublas_plus_epilogue": t_unf / d["s"] if d["ok"] else None,
+           "b2b_copies": R, "b2b_s": t_seq, "b2b_gbs": gbs(t_seq), "b2b_pct_copy": pct(t_seq),  # default
            "b2b_cublas_plus_epilogue_s": t_unf_seq,
            "b2b_cublas_plus_epilogue_gbs": wbytes / t_unf_seq / 1e9 if t_unf_seq else None,
            "empty_launch_s": empty_launch(cp, timeit, k)}
@@ -232,7 +310,7 @@ def run_case(cp, timeit, rng, ceiling, name, kind, K, M, wdt, quick):
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="bench_gemv.json")
-    ap.add_argument("--quick", action="store_true", help="default tuning only")
+    ap.add_argument("--quick", action="store_true", help="default, classic and two alternatives per case")
     args = ap.parse_args()
     import cupy as cp
     from triton.testing import do_bench
@@ -240,26 +318,41 @@ def main() -> int:
     def timeit(fn) -> float:
         return float(do_bench(fn, warmup=25, rep=200, return_mode="median")) * 1e-3
 
+    def timeit_fast(fn) -> float:  # the variant sweep
+        return float(do_bench(fn, warmup=10, rep=80, return_mode="median")) * 1e-3
+
+    t0 = time.perf_counter()
     ceiling = copy_ceiling(cp, timeit)
+    props = cp.cuda.runtime.getDeviceProperties(0)
+    sms = int(props["multiProcessorCount"])
     rng = cp.random.default_rng(1234)
-    results = [run_case(cp, timeit, rng, ceiling, *case, args.quick) for case in CASES]
-    gpu = cp.cuda.runtime.getDeviceProperties(0)["name"].decode()
-    meta = {"date": dt.date.today().isoformat(), "host": platform.node(), "gpu": gpu,
+    gpu = props["name"].decode()
+    meta = {"date": dt.date.today().isoformat(), "host": platform.node(), "gpu": gpu, "sms": sms,
             "copy_ceiling_gbs": ceiling, "timing": "triton.testing.do_bench median, L2 flushed",
-            "gbs_on": "weight bytes", "rel_bound": REL_BOUND}
-    Path(args.out).write_text(json.dumps({"meta": meta, "results": results}, indent=1))
-    print(f"\ncopy ceiling {ceiling:.0f} GB/s (1 GiB device copy)")
-    hdr = f"{'case':26s} {'KxM':>10s} {'fused us':>9s} {'again':>7s} {'GB/s':>6s} {'%copy':>6s} {'best%':>6s} " \
-          f"{'cuBLAS+ep us':>12s} {'cuBLAS us':>9s} {'speedup':>7s} {'empty':>6s} | b2b {'us':>6s} {'%copy':>6s} " \
-          f"{'cuBLAS+ep':>9s}"
+            "gbs_on": "weight bytes", "rel_bound": REL_BOUND, "quick": args.quick}
+    results = []
+    for case in CASES:  # the JSON is rewritten after each case: a timeout keeps the finished ones
+        results.append(run_case(cp, timeit, timeit_fast, rng, ceiling, sms, *case, args.quick))
+        meta["wall_s"] = time.perf_counter() - t0
+        meta["complete"] = len(results) == len(CASES)
+        Path(args.out).write_text(json.dumps({"meta": meta, "results": results}, indent=1))
+    print(f"\ncopy ceiling {ceiling:.0f} GB/s (1 GiB device copy), {sms} SMs, {meta['wall_s']:.0f} s")
+    nan = float("nan")
+    hdr = f"{'case':24s} {'KxM':>10s} {'fused us':>9s} {'again':>7s} {'%copy':>6s} {'best%':>6s} " \
+          f"{'cuBLAS+ep us':>12s} {'cuBLAS us':>9s} {'speedup':>7s} {'empty':>6s} | b2b {'def us':>6s} " \
+          f"{'def%':>6s} {'best%':>6s} {'cuBLAS+ep':>9s}  best b2b variant"
     print(hdr)
     for r in results:
-        print(f"{r['case']:26s} {r['K']:>5d}x{r['M']:<5d}{r['default_s'] * 1e6:9.2f} {r['default_again_s'] * 1e6:7.2f} "
-              f"{r['default_gbs']:6.0f} {r['default_pct_copy']:5.1f}% {r['best_pct_copy']:5.1f}% "
+        print(f"{r['case']:24s} {r['K']:>5d}x{r['M']:<5d}{r['default_s'] * 1e6:9.2f} {r['default_again_s'] * 1e6:7.2f} "
+              f"{r['default_pct_copy'] or nan:5.1f}% {r['best_pct_copy']:5.1f}% "
               f"{r['cublas_plus_epilogue_s'] * 1e6:12.2f} {r['cublas_only_s'] * 1e6:9.2f} "
-              f"{r['speedup_vs_cublas_plus_epilogue']:6.2f}x {r['empty_launch_s'] * 1e6:6.2f} | "
-              f"{r['b2b_s'] * 1e6:9.2f} {r['b2b_pct_copy']:5.1f}% "
-              f"{(r['b2b_cublas_plus_epilogue_s'] or float('nan')) * 1e6:9.2f}")
+              f"{r['speedup_vs_cublas_plus_epilogue'] or nan:6.2f}x {r['empty_launch_s'] * 1e6:6.2f} | "
+              f"{r['b2b_s'] * 1e6:9.2f} {r['b2b_pct_copy'] or nan:5.1f}% {r['best_b2b_pct_copy']:5.1f}% "
+              f"{(r['b2b_cublas_plus_epilogue_s'] or nan) * 1e6:9.2f}  {r['best_b2b_variant']}")
+    print("\ndefault (tune()) vs best b2b tuning per case:")
+    for r in results:
+        print(f"  {r['case']:24s} default {r['b2b_pct_copy'] or nan:5.1f}% {r['default_tuning']}\n"
+              f"  {'':24s} best    {r['best_b2b_pct_copy']:5.1f}% {r['best_b2b_tuning']}")
     return 0
 
 

@@ -4,13 +4,14 @@
 # Run from the repository root on the device machine, after the prepare lines that
 # ../shared/device/prepare.sh prints (carry [".whl", ".gl"]; EXTRA_WHEELS adds rich & co.):
 #   bash bench/device_session.sh tests     # cuda-marked tests + flash attention (~3 min)
-#   bash bench/device_session.sh harness   # norm harness (cuda + wgpu) + GEMV (~8 min)
+#   bash bench/device_session.sh harness   # norm harness (cuda + wgpu) + GEMV (~9 min)
 #   bash bench/device_session.sh norm      # norm harness + candidate sweep: wgpu, then cuda (~8 min)
+#   bash bench/device_session.sh gemv      # the GEMV tests + the GEMV variant sweep alone (~4 min)
 # Results go to $OUT (the device tool's folder) or bench/results/, named <date>-h200-*.
 # Each step has its own timeout so one slow step cannot eat the others' results; a step's
 # exit status is printed, never hidden.
 set -uo pipefail
-part=${1:?usage: bench/device_session.sh tests|harness|norm}
+part=${1:?usage: bench/device_session.sh tests|harness|norm|gemv}
 out=${OUT:-bench/results}
 day=$(date +%F)
 mkdir -p "$out"
@@ -46,10 +47,15 @@ w(sys.argv[1:3], sys.argv[3])" "$out/$day-h200-wgpu.json" "$out/$day-h200-cuda.j
     ;;
   harness)
     step harness 400 python3 bench/harness.py --backend all -o "$out/$day-h200.json" --markdown "$out/BENCHMARKS.md"
-    step gemv 150 python3 bench/bench_gemv.py --out "$out/$day-h200-gemv.json"
+    step gemv 200 python3 bench/bench_gemv.py --out "$out/$day-h200-gemv.json"
+    ;;
+  gemv)
+    nvidia-smi --query-gpu=name,driver_version --format=csv,noheader > "$out/$day-h200-gpu.txt" 2>&1
+    step gemv-tests 200 python3 -m pytest -q -m cuda -p no:cacheprovider -rfE tests/test_gemv_kernels.py
+    step gemv 300 python3 bench/bench_gemv.py --out "$out/$day-h200-gemv.json"
     ;;
   *)
-    echo "unknown part '$part' (tests | harness | norm)" >&2
+    echo "unknown part '$part' (tests | harness | norm | gemv)" >&2
     exit 2
     ;;
 esac

@@ -232,6 +232,48 @@ def test_vector_width_follows_alignment():
     assert vec(7, "f32", "cuda") == 1
 
 
+def llama_node(kind, K, M, wdt="f16"):
+    return rewrite(build(kind, K, M, wdt), default_patterns())[0].by_name("y")
+
+
+def test_cuda_tuning_for_the_llama_decode_shapes():
+    """tune() on CUDA: the streaming body on a persistent grid, one warp per row while that gives
+    enough warps (gate/up, down, q/o), K split for the 512-row k/v projection; the persistent grid
+    gives every row slot the same number of rows."""
+    def tuned(kind, K, M):
+        node = llama_node(kind, K, M)
+        k = ge.build(node, "cuda")
+        return k.meta["tuning"], k.grid, k.workgroup_size
+
+    assert tuned("swiglu", 2048, 8192) == (ge.Tuning(8, 32, 4, 4, True, 4, "na"), (512, 1, 1), (128, 1, 1))
+    assert tuned("add", 8192, 2048) == (ge.Tuning(8, 32, 4, 8, True, 4, "na"), (512, 1, 1), (128, 1, 1))
+    assert tuned("add", 2048, 2048)[0] == ge.Tuning(8, 32, 4, 8, True, 4, "na")
+    assert tuned("add", 2048, 512)[0] == ge.Tuning(8, 128, 1, 2, True, 4, "na")
+    # WGSL / MSL keep the classic body
+    assert not ge.tune(llama_node("swiglu", 2048, 8192), ge.plan(llama_node("swiglu", 2048, 8192)), "msl").stream
+
+
+def test_persistent_grid_splits_rows_evenly():
+    node = llama_node("swiglu", 2048, 8192)
+    tu = ge.Tuning(8, 32, 4, 4, True, 3, "na")
+    assert ge.build(node, "cuda", tu).grid == (342, 1, 1)  # 2048 row groups over <= 396 blocks: 6 each
+    assert ge.build(node, "cuda", tu, sms=1000).grid == (2048, 1, 1)  # more slots than row groups
+    assert ge.build(node, "cuda", tu, sms=1).grid == (3, 1, 1)
+
+
+@pytest.mark.parametrize("tu,backend,msg", [
+    (ge.Tuning(8, 32, 4, 4, True, 4, "na"), "msl", "CUDA only"),
+    (ge.Tuning(4, 32, 4, 4, False, 4, ""), "cuda", "need the streaming body"),
+    (ge.Tuning(8, 32, 4, 4, True, 4, "xx"), "cuda", "ld must be one of"),
+    (ge.Tuning(8, 16, 8, 4, True, 4, ""), "cuda", "streaming body needs 32 <= tpr"),
+    (ge.Tuning(8, 48, 1, 4), "cuda", "power of two"),
+    (ge.Tuning(8, 64, 2, 4), "cuda", "several rows per workgroup"),
+])
+def test_build_refuses_tunings_the_backend_cannot_render(tu, backend, msg):
+    with pytest.raises(CodegenError, match=msg):
+        ge.build(llama_node("swiglu", 64, 8), backend, tu)
+
+
 def test_source_does_not_depend_on_the_shape():
     def src(K, M):
         node = rewrite(build("add", K, M, "f16"), default_patterns())[0].by_name("y")
@@ -252,10 +294,20 @@ def all_variants(backend):
                     node = rewrite(build(kind, K, M, wdt, bdt=bdt), default_patterns())[0].by_name("y")
                     p = ge.plan(node)
                     base = ge.tune(node, p, backend)
-                    for tu in (base, ge.Tuning(base.vec, 32, 4, 2), ge.Tuning(base.vec, 128, 1, 8)):
+                    tunings = [base, ge.tune_classic(node, p, backend), ge.Tuning(base.vec, 32, 4, 2),
+                               ge.Tuning(base.vec, 128, 1, 8)]
+                    if backend == "cuda":
+                        tunings += stream_tunings(base.vec)
+                    for tu in tunings:
                         k = ge.build(node, backend, tu)
                         out[k.source] = k
     return list(out.values())
+
+
+def stream_tunings(vec):
+    """Streaming-body tunings (CUDA) besides tune()'s (persistent, ``na``, tpr 32 or split K): not
+    persistent with ``cs``, split over 256 threads with plain loads."""
+    return [ge.Tuning(vec, 32, 4, 8, True, 0, "cs"), ge.Tuning(vec, 256, 1, 8, True, 2, "")]
 
 
 def test_every_variant_compiles_with_nvcc():

@@ -12,6 +12,14 @@ row; the template reads every weight row once with the widest aligned loads (16 
 floats), accumulates in f32, reduces per row and applies the epilogue in registers, so the only
 DRAM traffic is the weights, ``x`` (from cache after the first warp) and the output row.
 
+Two kernel bodies (:class:`Tuning`): the classic one (``common/gemv_epilogue.c.j2``, all backends:
+one row per ``tpr`` threads, ``unroll`` loads per weight issued before their FMAs, one row group per
+workgroup) and, on CUDA, the streaming one (``cuda/gemv_epilogue_stream.cu.j2``, ``stream=True``):
+each row slot walks several rows (a persistent grid of ``persist`` blocks per SM, rows split evenly
+over the slots) and issues the loads of its next chunk -- of the same row or of its next row --
+before the FMAs of the current chunk and before the row's reduction, so loads stay in flight with
+no ramp or tail per row; weight loads may carry a streaming cache hint (``ld``).
+
 Shapes, strides and offsets are runtime parameters; the source depends on the dtypes, the plan and
 the tuning only.
 """
@@ -38,6 +46,11 @@ MAX_TPR = {"wgsl": 256, "cuda": 256, "msl": 256}
 WG_THREADS = {"wgsl": 64, "cuda": 128, "msl": 128}  # threads per workgroup when rows share one
 TARGET_THREADS = {"wgsl": 16384, "cuda": 132 * 1024, "msl": 16384}  # threads wanted in flight
 UNROLL = 4  # weight vectors each thread loads before using them (bytes in flight per thread)
+CUDA_SMS = 132  # SMs of the target GPU (H200) for persistent grids; build(..., sms=) overrides it
+LOAD_HINTS = ("", "cs", "na")  # weight loads: plain, __ldcs (evict-first), ld.global.nc.L1::no_allocate.L2::256B
+STREAM_WARPS_PER_SM = 16  # streaming body: resident warps wanted per SM (persist = this / warps per block)
+STREAM_MIN_WARPS = CUDA_SMS * 8  # streaming body: split K over more threads while fewer row warps exist
+STREAM_UNROLL = {1: 8, 2: 4}  # streaming body: loads per weight and thread per chunk, by weight count
 
 
 @dataclass(frozen=True)
@@ -87,12 +100,21 @@ class GemvPlan:
 @dataclass(frozen=True)
 class Tuning:
     """Vector width (elements per weight load), threads per output row (power of two), output rows
-    per workgroup, weight vectors loaded per thread before use."""
+    per workgroup, weight vectors loaded per thread before use.
+
+    CUDA only: ``stream`` selects the streaming body (the next chunk's loads issued before the
+    current chunk's FMAs and row reduction; needs ``tpr >= 32``); ``persist`` > 0 (with ``stream``)
+    makes its grid persistent, ``persist`` blocks per SM (``__launch_bounds__`` min blocks), each row
+    slot looping over ``ceil(row groups / grid)`` rows; ``ld`` is the weight-load cache hint of the
+    streaming body: ``""`` plain, ``"cs"`` ``__ldcs``, ``"na"`` ``ld.global.nc.L1::no_allocate.L2::256B``."""
 
     vec: int
     tpr: int
     rows: int
     unroll: int = UNROLL
+    stream: bool = False
+    persist: int = 0
+    ld: str = ""
 
     @property
     def workgroup(self) -> int:
@@ -181,21 +203,37 @@ def _pow2floor(v: int) -> int:
     return 1 << max(0, v.bit_length() - 1)
 
 
+def _vec(node: Tensor, p: GemvPlan, backend: str) -> int:
+    ws = [node.src[i] for i in p.weights]
+    x = node.src[p.x]
+    if (backend == "cuda" and all(w.dtype == DType.F16 for w in ws) and all(_vec_ok(w, 8) for w in ws)
+            and _vec_ok(x, 4)):
+        return 8
+    if all(_vec_ok(w, 4) for w in ws) and _vec_ok(x, 4):
+        return 4
+    return 1
+
+
 def tune(node: Tensor, p: GemvPlan, backend: str) -> Tuning:
     """Vector width: 8 halves (16 bytes) on CUDA when every weight is f16 and 8-aligned (and ``x``
     4-aligned), else 4 (16-byte f32 / 8-byte f16 loads) when weights and ``x`` are 4-aligned, else 1.
-    Threads per row: 32 (one warp or simdgroup per row, several rows per workgroup) unless there are
-    too few rows to keep ``TARGET_THREADS`` threads busy; then up to ``MAX_TPR`` threads split K, as
-    long as each keeps at least ``unroll`` vectors."""
-    ws = [node.src[i] for i in p.weights]
-    x = node.src[p.x]
-    vec = 1
-    if (backend == "cuda" and all(w.dtype == DType.F16 for w in ws) and all(_vec_ok(w, 8) for w in ws)
-            and _vec_ok(x, 4)):
-        vec = 8
-    elif all(_vec_ok(w, 4) for w in ws) and _vec_ok(x, 4):
-        vec = 4
-    K, M = ws[0].ne[0], ws[0].ne[1]
+
+    CUDA: the streaming body on a persistent grid (:func:`_tune_stream`). WGSL / MSL: the classic
+    body (:func:`tune_classic`)."""
+    if backend == "cuda":
+        w = node.src[p.weights[0]]
+        vec = _vec(node, p, backend)
+        return _tune_stream(vec, -(-w.ne[0] // vec), w.ne[1], len(p.weights))
+    return tune_classic(node, p, backend)
+
+
+def tune_classic(node: Tensor, p: GemvPlan, backend: str) -> Tuning:
+    """The classic body's tuning (every backend; tune()'s choice on WGSL / MSL, kept on CUDA for
+    comparison): threads per row 32 (one warp or simdgroup per row, several rows per workgroup)
+    unless there are too few rows to keep ``TARGET_THREADS`` threads busy; then up to ``MAX_TPR``
+    threads split K, as long as each keeps at least ``unroll`` vectors."""
+    vec = _vec(node, p, backend)
+    K, M = node.src[p.weights[0]].ne[0], node.src[p.weights[0]].ne[1]
     nvec = -(-K // vec)
     tpr = SIMD
     while (tpr < MAX_TPR[backend] and M * tpr < TARGET_THREADS[backend]
@@ -207,16 +245,43 @@ def tune(node: Tensor, p: GemvPlan, backend: str) -> Tuning:
     return Tuning(vec, tpr, rows)
 
 
+def _tune_stream(vec: int, nvec: int, M: int, nw: int) -> Tuning:
+    """CUDA streaming tuning for ``M`` rows of ``nvec`` vectors and ``nw`` weights: one warp per row
+    (4 rows per 128-thread block) while that gives ``STREAM_MIN_WARPS`` warps; else split K over up to
+    ``MAX_TPR`` threads per row (one row per block, shared-memory reduce) while each thread keeps 2+
+    vectors. ``unroll``: ``STREAM_UNROLL`` (8 loads per thread for one weight, 4 per weight for the
+    gate/up pair: 128 B per weight slice in flight per thread, twice with the next chunk's loads, ~64
+    data registers), less when the row is shorter. ``persist``: ``STREAM_WARPS_PER_SM`` warps per SM.
+    Weight loads ``na`` (no L1 allocation: x stays in L1)."""
+    tpr = SIMD
+    while tpr < MAX_TPR["cuda"] and M * tpr // SIMD < STREAM_MIN_WARPS and nvec >= 4 * tpr:
+        tpr *= 2
+    unroll = max(1, min(STREAM_UNROLL[nw], _pow2floor(max(1, nvec // tpr))))
+    rows = WG_THREADS["cuda"] // tpr if tpr <= SIMD else 1
+    persist = max(1, STREAM_WARPS_PER_SM * SIMD // (tpr * rows))
+    return Tuning(vec, tpr, rows, unroll, stream=True, persist=persist, ld="na")
+
+
 def _grid(nwg: int) -> tuple[int, int, int]:
     gx = min(nwg, MAX_GRID)
     return (gx, -(-nwg // gx), 1)
+
+
+def _persistent_grid(nwg: int, blocks: int) -> tuple[int, int, int]:
+    """At most ``blocks`` blocks (and ``MAX_GRID``) with every row slot given the same number of row
+    groups, ``ceil(nwg / grid)`` (the last slots fewer when ``nwg`` is not a multiple)."""
+    per = max(1, -(-nwg // max(1, min(blocks, MAX_GRID))))
+    return (max(1, -(-nwg // per)), 1, 1)
 
 
 def _entry(p: GemvPlan, node: Tensor, tu: Tuning) -> str:
     wdt = "_".join(sorted({str(node.src[i].dtype) for i in p.weights}))
     odt = "_".join(sorted({str(node.src[i].dtype) for i in p.operands}))
     name = f"gemv_{p.name}_{wdt}{('_' + odt) if odt else ''}_v{tu.vec}_t{tu.tpr}"
-    return name + (f"_r{tu.rows}" if tu.rows > 1 else "") + f"_u{tu.unroll}"
+    name += (f"_r{tu.rows}" if tu.rows > 1 else "") + f"_u{tu.unroll}"
+    if tu.stream:
+        name += "_s" + (f"_p{tu.persist}" if tu.persist else "") + (f"_{tu.ld}" if tu.ld else "")
+    return name
 
 
 @family("gemv_epilogue")
@@ -235,18 +300,41 @@ def emit_gemv_epilogue(node: Tensor, backend: str) -> Kernel:
     return build(node, backend)
 
 
-def build(node: Tensor, backend: str, tuning: Tuning | None = None) -> Kernel:
-    """:func:`emit_gemv_epilogue` with the tuning open (benchmarks compare variants)."""
+def _check_tuning(node: Tensor, tu: Tuning, backend: str) -> None:
+    def bad(msg: str) -> CodegenError:
+        return CodegenError(f"node {node.name!r}: gemv_epilogue tuning {tu}: {msg}")
+
+    if tu.tpr > SIMD and tu.rows != 1:
+        raise bad(f"several rows per workgroup need tpr <= {SIMD}")
+    if tu.unroll < 1 or tu.rows < 1 or tu.tpr < 1 or tu.tpr & (tu.tpr - 1):
+        raise bad("tpr must be a power of two, rows and unroll >= 1")
+    if tu.ld not in LOAD_HINTS:
+        raise bad(f"ld must be one of {LOAD_HINTS}")
+    if (tu.persist or tu.ld) and not tu.stream:
+        raise bad("persist and ld need the streaming body (stream=True)")
+    if tu.stream and backend != "cuda":
+        raise bad(f"the streaming body is CUDA only, not {backend}")
+    if tu.stream and (tu.tpr < SIMD or tu.tpr > MAX_TPR[backend]):
+        raise bad(f"the streaming body needs {SIMD} <= tpr <= {MAX_TPR[backend]}")
+    if tu.persist < 0:
+        raise bad("persist must be >= 0")
+
+
+def build(node: Tensor, backend: str, tuning: Tuning | None = None, sms: int = CUDA_SMS) -> Kernel:
+    """:func:`emit_gemv_epilogue` with the tuning open (benchmarks compare variants); ``sms``: the SM
+    count a persistent grid (``tuning.persist`` blocks per SM) is sized for. Raises
+    :class:`CodegenError` for a node :func:`plan` rejects or a tuning the backend cannot render
+    (``tpr`` not a power of two, several rows with ``tpr > 32``, ``stream``/``persist``/``ld`` off
+    CUDA, ``persist``/``ld`` without ``stream``, an unknown ``ld``)."""
     p = plan(node)
     tu = tuning or tune(node, p, backend)
-    if tu.tpr > SIMD and tu.rows != 1:
-        raise CodegenError(f"node {node.name!r}: gemv_epilogue tuning {tu}: several rows per workgroup need "
-                           f"tpr <= {SIMD}")
+    _check_tuning(node, tu, backend)
     M = node.src[p.weights[0]].ne[1]
     types = TYPE_NAMES[backend]
     bindings = [Binding(f"src{i}", node.src[i], node.src[i].dtype) for i in p.inputs]
     bindings.append(Binding("dst", node, node.dtype, write=True))
-    grid = _grid(-(-M // tu.rows))
+    nwg = -(-M // tu.rows)
+    grid = _persistent_grid(nwg, tu.persist * sms) if tu.persist else _grid(nwg)
     params = []
     for i in p.inputs:
         params += layout_params(f"src{i}", node.src[i])
@@ -261,9 +349,10 @@ def build(node: Tensor, backend: str, tuning: Tuning | None = None) -> Kernel:
         steps=[{"sym": s.symbol, "src": f"src{s.operand}"} for s in p.steps],
         bindings=bindings, types={b.name: types[b.dtype] for b in bindings}, params=params,
         V=tu.vec, TPR=tu.tpr, R=tu.rows, UNROLL=tu.unroll, SIMD=SIMD,
+        STREAM=tu.stream, PERSIST=tu.persist, LD=tu.ld,
     )
     return Kernel(backend, "gemv_epilogue", entry, source, bindings, params, (tu.workgroup, 1, 1), grid, node,
                   meta={"plan": p, "tuning": tu})
 
 
-__all__ = ["GemvPlan", "Step", "Tuning", "build", "emit_gemv_epilogue", "plan", "tune"]
+__all__ = ["GemvPlan", "Step", "Tuning", "build", "emit_gemv_epilogue", "plan", "tune", "tune_classic"]
