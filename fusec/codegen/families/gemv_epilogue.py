@@ -218,10 +218,13 @@ def tune(node: Tensor, p: GemvPlan, backend: str) -> Tuning:
     """Vector width: 8 halves (16 bytes) on CUDA when every weight is f16 and 8-aligned (and ``x``
     4-aligned), else 4 (16-byte f32 / 8-byte f16 loads) when weights and ``x`` are 4-aligned, else 1.
 
-    CUDA: the streaming body on a persistent grid (:func:`_tune_stream`). WGSL / MSL: the classic
-    body (:func:`tune_classic`)."""
-    if backend == "cuda":
-        w = node.src[p.weights[0]]
+    CUDA with f32 weights: the streaming body on a persistent grid (:func:`_tune_stream`); otherwise
+    (f16 weights, WGSL, MSL) the classic body (:func:`tune_classic`). From the H200 sweep
+    (bench/results/2026-11-21-h200-gemv-v2.json, back to back): f32 gate/up 83.3 % of the copy
+    ceiling streaming vs 78.5 % classic; f16 gate/up 69.5 % vs 75.6 %, down 35.2 % vs 62.4 % (the
+    classic body's best)."""
+    w = node.src[p.weights[0]]
+    if backend == "cuda" and all(node.src[i].dtype == DType.F32 for i in p.weights):
         vec = _vec(node, p, backend)
         return _tune_stream(vec, -(-w.ne[0] // vec), w.ne[1], len(p.weights))
     return tune_classic(node, p, backend)
