@@ -32,31 +32,47 @@ def _lit(t: str, v) -> str:
     return f"(int){int(v)}"
 
 
+def binding_key(b) -> tuple[str, str]:
+    """The buffer a binding uses: ``("s", scratch name)`` or ``("t", root tensor name)``."""
+    return ("s", b.scratch) if b.scratch else ("t", b.tensor.root.name)
+
+
+def sequence_buffers(seq, values: dict[str, np.ndarray], *, scratch_fill: float = np.nan, xp=np):
+    """One flat array (module ``xp``: numpy, or cupy on a GPU) per buffer of ``seq``, in first-use order:
+    inputs from ``values`` (by root leaf name, converted to the binding's dtype), written tensors filled
+    with NaN (f32 words), f32 scratch with ``scratch_fill``, i32 scratch with -7 (a read of something
+    never written shows). Returns ``(bufs: key -> array, written keys in order)``; keys as
+    :func:`binding_key`; the last written key is the sequence's output."""
+    scratch_bytes = {s.name: s.nbytes for s in seq.scratch}
+    bufs: dict[tuple[str, str], object] = {}
+    written: list = []
+    for k in seq.kernels:
+        for b in k.bindings:
+            key = binding_key(b)
+            if key in bufs:
+                continue
+            if b.scratch:
+                n = scratch_bytes[b.scratch] // 4
+                bufs[key] = xp.full(n, -7, xp.int32) if str(b.dtype) == "i32" else xp.full(n, scratch_fill, xp.float32)
+            elif b.write:
+                bufs[key] = xp.full(b.tensor.root.span_bytes // 4, np.nan, xp.float32)
+                written.append(key)
+            else:
+                bufs[key] = xp.asarray(np.ascontiguousarray(values[b.tensor.root.name], dtype=b.dtype.np).reshape(-1))
+    return bufs, written
+
+
 def run_sequence(seq, values: dict[str, np.ndarray], *, scratch_fill: float = np.nan) -> dict[str, np.ndarray]:
     """Run ``seq`` (CUDA kernels) on ``values`` (root leaf name -> array). The output is poisoned with
     NaN, f32 scratch with ``scratch_fill`` bits (i32 scratch with -7). Returns ``{"dst": flat f32
     output (the last written tensor), <scratch name>: raw bytes as i32/f32, "root:<name>": every
     written tensor's root memory as raw f32 words}``."""
-    bufs: dict[tuple[str, str], tuple[np.ndarray, str]] = {}  # key -> (array, C type)
-    scratch_bytes = {s.name: s.nbytes for s in seq.scratch}
-    out_key = None
-    written: list = []
     ctype = {"f32": "float", "f16": "half", "i32": "int"}
-    for k in seq.kernels:
-        for b in k.bindings:
-            key = ("s", b.scratch) if b.scratch else ("t", b.tensor.root.name)
-            if key in bufs:
-                continue
-            if b.scratch:
-                n = scratch_bytes[b.scratch] // 4
-                a = np.full(n, -7, np.int32) if str(b.dtype) == "i32" else np.full(n, scratch_fill, np.float32)
-            elif b.write:
-                a = np.full(b.tensor.root.span_bytes // 4, np.nan, np.float32)
-                out_key = key
-                written.append(key)
-            else:
-                a = np.ascontiguousarray(values[b.tensor.root.name], dtype=b.dtype.np).reshape(-1)
-            bufs[key] = (a, ctype[str(b.dtype)])
+    arrays, written = sequence_buffers(seq, values, scratch_fill=scratch_fill)
+    out_key = written[-1] if written else None
+    # the C type of each buffer's first use (a later use overwritten by an earlier one)
+    types = {binding_key(b): ctype[str(b.dtype)] for k in reversed(seq.kernels) for b in reversed(k.bindings)}
+    bufs = {key: (a, types[key]) for key, a in arrays.items()}  # key -> (array, C type of its first use)
     keys = list(bufs)
     src = ["#include <cuda_fp16.h>\n#include <fstream>\n#include <string>\n"]
     for i, k in enumerate(seq.kernels):
@@ -79,7 +95,7 @@ int main() {
         src.append(f"    k{i}::Params p{i} = {{{vals}}};\n")
         args = []
         for b in k.bindings:
-            key = ("s", b.scratch) if b.scratch else ("t", b.tensor.root.name)
+            key = binding_key(b)
             j = keys.index(key)
             ct = bufs[key][1]
             args.append(f"emu_any_ptr{{({'' if b.write else 'const '}{ct}*)b{j}.data()}}")

@@ -20,6 +20,7 @@ import pytest
 from fusec.interp import interpret
 from fusec.ir import GraphBuilder
 from fusec.rewrite import rewrite
+from tests.cuda_emu import binding_key, sequence_buffers
 from tests.gpu import requires_cuda
 from tests.test_flash_attn import ATTN, FA_NMSE, attn_values, check_against_interp, fa_case, llama_attention, nmse
 
@@ -182,23 +183,8 @@ def _run_seq_cuda(rt, seq, vals) -> np.ndarray:
     and i32 scratch -7 (a read of an unwritten partial or flag shows)."""
     import cupy as cp
 
-    bufs: dict = {}
-    out_key = None
+    bufs, written = sequence_buffers(seq, vals, xp=cp)
     for k in seq.kernels:
-        for b in k.bindings:
-            key = ("s", b.scratch) if b.scratch else ("t", b.tensor.root.name)
-            if key in bufs:
-                continue
-            if b.scratch:
-                n = next(s.nbytes for s in seq.scratch if s.name == b.scratch) // 4
-                bufs[key] = cp.full(n, -7, cp.int32) if str(b.dtype) == "i32" else cp.full(n, cp.nan, cp.float32)
-            elif b.write:
-                bufs[key] = cp.full(b.tensor.root.span_bytes // 4, cp.nan, cp.float32)
-                out_key = key
-            else:
-                bufs[key] = cp.asarray(np.ascontiguousarray(vals[b.tensor.root.name], dtype=b.dtype.np).reshape(-1))
-    for k in seq.kernels:
-        keys = [("s", b.scratch) if b.scratch else ("t", b.tensor.root.name) for b in k.bindings]
-        rt.launch(k, [bufs[x] for x in keys])
+        rt.launch(k, [bufs[binding_key(b)] for b in k.bindings])
     cp.cuda.get_current_stream().synchronize()
-    return cp.asnumpy(bufs[out_key])
+    return cp.asnumpy(bufs[written[-1]])

@@ -133,19 +133,20 @@ def make_inputs(case: Case, seed: int = 0) -> dict[str, np.ndarray]:
     return {k: rng.standard_normal(s, dtype=np.float32).astype(case.np_dtype, copy=False) for k, s in shapes.items()}
 
 
-def nmse(out, ref, chunk: int = 1 << 24) -> float:
+def nmse(out, ref, chunk: int = 1 << 24, xp=np) -> float:
     """Normalized MSE ``sum((out-ref)^2) / sum(ref^2)`` in float64, in chunks of ``chunk`` elements
-    (no full-size float64 temporaries). NaN anywhere in ``out`` gives NaN; ``ref == 0`` divides by 1."""
-    a = np.asarray(out).reshape(-1)
-    b = np.asarray(ref).reshape(-1)
+    (no full-size float64 temporaries). NaN anywhere in ``out`` gives NaN; ``ref == 0`` divides by 1.
+    ``xp``: the array module of ``out`` and ``ref`` (numpy, or cupy to compare on the device)."""
+    a = xp.asarray(out).reshape(-1)
+    b = xp.asarray(ref).reshape(-1)
     if a.size != b.size:
         raise ValueError(f"nmse: {a.size} elements vs {b.size} in the reference")
     num = den = 0.0
     for i in range(0, a.size, chunk):
-        ai = a[i:i + chunk].astype(np.float64)
-        bi = b[i:i + chunk].astype(np.float64)
-        num += float(np.sum((ai - bi) ** 2))
-        den += float(np.sum(bi * bi))
+        ai = a[i:i + chunk].astype(xp.float64)
+        bi = b[i:i + chunk].astype(xp.float64)
+        num += float(xp.sum((ai - bi) ** 2))
+        den += float(xp.sum(bi * bi))
     return num / (den or 1.0)
 
 

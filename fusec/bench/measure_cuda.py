@@ -38,18 +38,6 @@ PEER_CHECK_MAX_BYTES = 256 << 20
 """torch peers' outputs are compared with the reference (``nmse_<peer>``) up to this case size."""
 
 
-def device_nmse(cp, out, ref) -> float:
-    """Normalized MSE of two CuPy arrays of one size, in float64 on the device (NaN stays NaN)."""
-    num = den = 0.0
-    step = 1 << 26
-    for i in range(0, ref.size, step):
-        a = out[i:i + step].astype(cp.float64)
-        b = ref[i:i + step].astype(cp.float64)
-        num += float(cp.sum((a - b) ** 2))
-        den += float(cp.sum(b * b))
-    return num / (den or 1.0)
-
-
 _EMPTY_TYPES = {"u32": "unsigned int", "i32": "int", "f32": "float"}
 
 
@@ -339,7 +327,7 @@ class CudaMeasurer(Measurer):
                 out.fill(cp.nan)
                 launch()
                 cp.cuda.Device().synchronize()
-                v["nmse"] = device_nmse(cp, out[:ref.size], ref)
+                v["nmse"] = nmse(out[:ref.size], ref, xp=cp)
                 if not within_tol(v["nmse"], case.dtype):
                     v["error"] = "incorrect output"
                     continue
@@ -402,4 +390,4 @@ class CudaMeasurer(Measurer):
             self.torch.cuda.empty_cache()
 
 
-__all__ = ["CudaGraphRunner", "CudaMeasurer", "CudaTimer", "device_nmse", "empty_like"]
+__all__ = ["CudaGraphRunner", "CudaMeasurer", "CudaTimer", "empty_like"]
