@@ -22,6 +22,10 @@ TYPE_NAMES = {
     "cuda": {DType.F32: "float", DType.F16: "half", DType.I32: "int"},
     "msl": {DType.F32: "float", DType.F16: "half", DType.I32: "int"},
 }
+CUDA_SMS = 132
+"""SMs of the CUDA target GPU (H200) that launch-shape heuristics size their grids for (persistent
+grids, KV splits, threads in flight); any value gives correct kernels."""
+
 PARAM_TYPE_NAMES = {
     "wgsl": {"u32": "u32", "i32": "i32", "f32": "f32"},
     "cuda": {"u32": "unsigned int", "i32": "int", "f32": "float"},

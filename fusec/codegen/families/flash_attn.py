@@ -44,7 +44,7 @@ from ...errors import CodegenError
 from ...ir.dtypes import F16, F32, I32
 from ...ir.tensor import Tensor
 from .. import family, sequence_family
-from ..env import TYPE_NAMES, render
+from ..env import CUDA_SMS, TYPE_NAMES, render
 from ..kernel import Binding, Kernel, KernelSequence, Scratch
 from ..layout import ceil_div, elem_offset, elem_strides
 from .soft_max import alibi_params, row_grid
@@ -61,8 +61,7 @@ TARGET_WORKGROUPS = 2048  # flash-decoding (WGSL/MSL vec): split the KV range un
 CUDA_WARPS = 4
 CUDA_VEC_WARPS = 4
 CUDA_GQ_MAX = 8
-CUDA_SMS = 132  # H200; the split heuristic aims at CUDA_BLOCKS_PER_SM blocks per SM
-CUDA_BLOCKS_PER_SM = 2
+CUDA_BLOCKS_PER_SM = 2  # the split heuristic aims at CUDA_SMS (env) x this many blocks
 CUDA_MIN_BPS, CUDA_MAX_BPS = 4, 32  # KV tiles per split
 # H200 probes (bench/results/2026-11-21-h200-flash-attn-v3.json): 2 blocks per SM as good as 4 on 4seq / 1seq4096 /
 # single and 1.3x faster on swa; 8 or 16 warps per block and 3-4 stages slower than 4 warps, 2 stages.
@@ -202,8 +201,8 @@ class Plan:
 
     @property
     def block_list(self) -> bool:
-        """CUDA vec with skipping: a kernel after the pre-pass lists, per (head group, sequence, row
-        group), the KV blocks not skipped; the splits divide that list evenly (no idle splits)."""
+        """CUDA vec with skipping: the pre-pass lists, per (head group, sequence, row group), the KV
+        blocks not skipped; the splits divide that list evenly (no idle splits)."""
         return self.cuda_vec and self.skip
 
     @property
@@ -421,10 +420,6 @@ def main_kernel(node: Tensor, a: Attn, pl: Plan, backend: str) -> Kernel:
                    "fused_reduce": pl.fused_reduce}, dynamic_shared=int(cv.get("ring", 0)))
 
 
-def _pow2_log(n: int) -> int:
-    return n.bit_length() - 1
-
-
 def _copy_bytes(esize: int, contiguous: bool, offsets: tuple[int, ...]) -> int:
     """Widest cp.async size (16, 8 or 4 bytes) that every row start of a tensor is aligned to (element
     offsets and strides in ``offsets``, buffers 16-byte aligned), 0 for element copies (strided rows)."""
@@ -464,8 +459,7 @@ def cuda_vec_layout(a: Attn, pl: Plan, stages: int | None = None) -> dict:
         raise CodegenError(f"flash_attn: {stages} KV stages of {stage} bytes exceed the shared memory of a block")
     return {"g": pl.g, "gq": gq, "stages": stages, "ring": ring, "kcp": kcp, "vcp": vcp,
             "v_jfast": v_sj == 1 and v_sd != 1, "nw": CUDA_VEC_WARPS,
-            "k_f16": a.k.dtype == F16, "v_f16": a.v.dtype == F16,
-            "mask_f16": a.mask is not None and a.mask.dtype == F16}
+            "k_f16": a.k.dtype == F16, "v_f16": a.v.dtype == F16}
 
 
 BLOCK_LIST_MAX_THREADS = 1024
@@ -483,9 +477,8 @@ def block_list_kernel(node: Tensor, a: Attn, pl: Plan, backend: str) -> Kernel:
     bindings = [Binding("mask", a.mask, a.mask.dtype), Binding("blist", None, I32, write=True, scratch="blist")]
     params = _common_params(a, pl) + _mask_params(a)
     threads = min(BLOCK_LIST_MAX_THREADS, max(128, _pow2_at_least(ceil_div(a.n_kv, pl.kb))))
-    per16 = 16 // a.mask.dtype.size  # mask rows 16-byte aligned: each block's entries as 16-byte loads
-    mnb = elem_strides(a.mask)
-    mvec = all(x % per16 == 0 for x in (elem_offset(a.mask), mnb[1], mnb[2], mnb[3]))
+    mnb = elem_strides(a.mask)  # mask rows 16-byte aligned: each block's entries as 16-byte loads
+    mvec = _copy_bytes(a.mask.dtype.size, True, (elem_offset(a.mask), mnb[1], mnb[2], mnb[3])) == 16
     entry = f"flash_attn_block_list_m{a.mask.dtype}_g{pl.g}_q{pl.qr}_t{threads}{'_mv' if mvec else ''}"
     src = _render(backend, kind="blocklist", entry=entry, node_name=node.name, bindings=bindings,
                   elem_types=_types(backend, bindings), params=params, threads=threads, g=pl.g, qr=pl.qr, kb=pl.kb,

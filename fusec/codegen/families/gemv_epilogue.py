@@ -32,7 +32,7 @@ from ...errors import CodegenError
 from ...ir.dtypes import DType
 from ...ir.tensor import Tensor
 from .. import family
-from ..env import TYPE_NAMES, render
+from ..env import CUDA_SMS, TYPE_NAMES, render
 from ..epilogue import EPILOGUE_OPS, fused_input_index, walk_epilogue
 from ..kernel import Binding, Kernel
 from ..layout import elem_offset, elem_strides, layout_params
@@ -44,9 +44,8 @@ SIMD = 32  # warp / simdgroup width the CUDA and MSL templates assume
 MAX_GRID = 65535
 MAX_TPR = {"wgsl": 256, "cuda": 256, "msl": 256}
 WG_THREADS = {"wgsl": 64, "cuda": 128, "msl": 128}  # threads per workgroup when rows share one
-TARGET_THREADS = {"wgsl": 16384, "cuda": 132 * 1024, "msl": 16384}  # threads wanted in flight
+TARGET_THREADS = {"wgsl": 16384, "cuda": CUDA_SMS * 1024, "msl": 16384}  # threads wanted in flight
 UNROLL = 4  # weight vectors each thread loads before using them (bytes in flight per thread)
-CUDA_SMS = 132  # SMs of the target GPU (H200) for persistent grids; build(..., sms=) overrides it
 LOAD_HINTS = ("", "cs", "na")  # weight loads: plain, __ldcs (evict-first), ld.global.nc.L1::no_allocate.L2::256B
 STREAM_WARPS_PER_SM = 16  # streaming body: resident warps wanted per SM (persist = this / warps per block)
 STREAM_MIN_WARPS = CUDA_SMS * 8  # streaming body: split K over more threads while fewer row warps exist

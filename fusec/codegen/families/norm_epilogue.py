@@ -20,7 +20,7 @@ from ...errors import CodegenError
 from ...ir.shape import can_repeat
 from ...ir.tensor import Tensor
 from .. import family
-from ..env import TYPE_NAMES, render
+from ..env import CUDA_SMS, TYPE_NAMES, render
 from ..epilogue import EPILOGUE_OPS, fused_input_index, walk_epilogue
 from ..kernel import Binding, Kernel
 from ..layout import elem_offset, elem_strides, layout_params
@@ -199,7 +199,7 @@ MAX_CACHED_BYTES = 128  # CUDA: per-thread budget (bytes of x in storage type) f
 
 
 CUDA_OPTS = {
-    "sms": 132,  # SMs the persistent grid is sized for (H200); the kernel is correct for any grid
+    "sms": CUDA_SMS,  # SMs the persistent grid is sized for (H200); the kernel is correct for any grid
     "persist": False,  # persistent grid-stride blocks for many rows (see tune). Off: H200 sweep (2026-11-21,
     # bench/results/2026-11-21-h200-cuda.json) -- never faster than one block per row at rows >= 8192
     # (rms_norm_mul f32 8192x4096: 85.2 % vs 89.9 %; mul_add f16 8192x4096: 85.4 % vs 89.1 %)
