@@ -44,38 +44,34 @@ def available() -> bool:
 
 
 @functools.lru_cache(maxsize=512)
-def _function(source: str, entry: str):
+def _function(source: str, entry: str, dynamic_shared: int = 0):
+    """Compile ``entry`` of ``source``; with ``dynamic_shared`` bytes of dynamic shared memory (static +
+    dynamic may pass the 48 KiB default) raise the function's
+    ``CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES`` to it, once, on the cached function."""
     cp = _cupy()
     try:
         mod = cp.RawModule(code=source, options=("-std=c++17",))
-        return mod.get_function(entry)
+        fn = mod.get_function(entry)
     except Exception as e:
         raise BackendError(f"CUDA kernel '{entry}' failed to compile: {e}") from None
-
-
-_max_dynamic: dict[int, int] = {}  # id(cached function) -> dynamic shared memory bytes allowed so far
+    if dynamic_shared > 0:
+        try:
+            if hasattr(fn, "max_dynamic_shared_size_bytes"):  # cupy.RawKernel
+                fn.max_dynamic_shared_size_bytes = int(dynamic_shared)
+            else:  # cupy.cuda.Function
+                cp.cuda.driver.funcSetAttribute(
+                    fn.ptr, cp.cuda.driver.CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, int(dynamic_shared))
+        except Exception as e:
+            raise BackendError(f"CUDA kernel '{entry}': {dynamic_shared} bytes of shared memory: {e}") from None
+    return fn
 
 
 def module(k: Kernel):
-    """The compiled ``cupy.RawKernel`` for ``k`` (cached by source text and entry point); a kernel with
-    dynamic shared memory (``k.dynamic_shared`` bytes; with its static shared memory it may pass the
-    48 KiB default) gets ``CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES`` raised to it. Launch it
-    with ``shared_mem=k.dynamic_shared``."""
+    """The compiled ``cupy.RawKernel`` for ``k`` (cached by source text, entry point and
+    ``k.dynamic_shared``, which the function is allowed). Launch it with ``shared_mem=k.dynamic_shared``."""
     if k.backend != "cuda":
         raise BackendError(f"cuda_runtime runs CUDA kernels, got a {k.backend} kernel")
-    fn = _function(k.source, k.entry)
-    if k.dynamic_shared > 0 and _max_dynamic.get(id(fn), 0) < k.dynamic_shared:  # static + dynamic may pass 48 KiB
-        cp = _cupy()
-        try:
-            if hasattr(fn, "max_dynamic_shared_size_bytes"):  # cupy.RawKernel
-                fn.max_dynamic_shared_size_bytes = int(k.dynamic_shared)
-            else:  # cupy.cuda.Function
-                cp.cuda.driver.funcSetAttribute(
-                    fn.ptr, cp.cuda.driver.CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, int(k.dynamic_shared))
-        except Exception as e:
-            raise BackendError(f"CUDA kernel '{k.entry}': {k.dynamic_shared} bytes of shared memory: {e}") from None
-        _max_dynamic[id(fn)] = k.dynamic_shared
-    return fn
+    return _function(k.source, k.entry, k.dynamic_shared)
 
 
 def pack_params(k: Kernel) -> bytes:
