@@ -9,7 +9,8 @@ stores), ``t<N>`` (one block per row with N threads per row) and, when there are
 persistent grid (as :func:`~fusec.codegen.families.norm_epilogue.tune` requires), ``p<B>n``
 (persistent, B blocks per SM, next row loaded before the reduction), ``p<B>`` (the default B
 without the next-row prefetch) and ``pn_x32`` / ``pn_x128`` (persistent with next-row prefetch at the
-default threads per SM, 32 / 128 bytes of x per thread per row instead of 64). Names are stable across cases so the sweep table has columns.
+default threads per SM, 32 / 128 bytes of x per thread per row instead of 64). Names are stable across
+cases so the sweep table has columns.
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ def cuda_variants(node: Tensor) -> dict[str, Callable[[], Kernel]]:
         "base": lambda: ne.build(node, "cuda", base, dense=False),
         "cs": lambda: ne.build(node, "cuda", _replace(tuned, cs=True)),
     }
-    seen = {(tuned, True), (_replace(tuned, cs=True), True)}
+    seen = {tuned, _replace(tuned, cs=True)}
     x = node.src[p.x]
     nvec = -(-x.ne[0] // tuned.vec)
     esize = x.dtype.size
@@ -52,9 +53,9 @@ def cuda_variants(node: Tensor) -> dict[str, Callable[[], Kernel]]:
         if slots * tuned.vec * esize > ne.MAX_CACHED_BYTES or tpr > ne._pow2ceil(nvec) or base.rows != 1:
             continue
         tu = ne.Tuning(tuned.vec, tpr, 1, slots)
-        if (tu, True) in seen:
+        if tu in seen:
             continue
-        seen.add((tu, True))
+        seen.add(tu)
         out[f"t{tpr}"] = lambda tu=tu: ne.build(node, "cuda", tu)
     nrows = x.ne[1] * x.ne[2] * x.ne[3]
     if p.prologue is None and base.rows == 1 and base.slots:
@@ -68,11 +69,10 @@ def cuda_variants(node: Tensor) -> dict[str, Callable[[], Kernel]]:
             for pn, name in ((True, f"p{per_sm}n"), (False, f"p{per_sm}")):
                 if not pn and per_sm != default:
                     continue
-                cs = False
-                tu = ne.Tuning(tuned.vec, ptpr, 1, pslots, per_sm, pn, cs)
-                if (tu, True) in seen:
+                tu = ne.Tuning(tuned.vec, ptpr, 1, pslots, per_sm, pn, False)
+                if tu in seen:
                     continue
-                seen.add((tu, True))
+                seen.add(tu)
                 out[name] = lambda tu=tu: ne.build(node, "cuda", tu)
         # the default threads per SM with half / twice the bytes of x per thread per row
         threads = ne.CUDA_OPTS["persist_threads_per_sm"]
@@ -85,8 +85,8 @@ def cuda_variants(node: Tensor) -> dict[str, Callable[[], Kernel]]:
                     or nrows < ne.CUDA_OPTS["persist_rows_per_block"] * per_sm * ne.CUDA_OPTS["sms"]):
                 continue
             tu = ne.Tuning(tuned.vec, tpr, 1, slots, per_sm, True)
-            if (tu, True) not in seen:
-                seen.add((tu, True))
+            if tu not in seen:
+                seen.add(tu)
                 out[f"pn_x{xbytes}"] = lambda tu=tu: ne.build(node, "cuda", tu)
     return out
 
