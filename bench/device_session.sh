@@ -6,7 +6,7 @@
 #   bash bench/device_session.sh tests     # cuda-marked tests + flash attention (~3 min)
 #   bash bench/device_session.sh harness   # norm harness (cuda + wgpu) + GEMV (~9 min)
 #   bash bench/device_session.sh norm      # norm harness + candidate sweep: wgpu, then cuda (~8 min)
-#   bash bench/device_session.sh gemv      # the GEMV tests + the GEMV variant sweep alone (~4 min)
+#   bash bench/device_session.sh gemv      # the GEMV tests, the GEMV variant sweep, the read/copy ceilings per size (~5 min)
 # Results go to $OUT (the device tool's folder) or bench/results/, named <date>-h200-*.
 # Each step has its own timeout so one slow step cannot eat the others' results; a step's
 # exit status is printed, never hidden.
@@ -53,6 +53,7 @@ w(sys.argv[1:3], sys.argv[3])" "$out/$day-h200-wgpu.json" "$out/$day-h200-cuda.j
     nvidia-smi --query-gpu=name,driver_version --format=csv,noheader > "$out/$day-h200-gpu.txt" 2>&1
     step gemv-tests 200 python3 -m pytest -q -m cuda -p no:cacheprovider -rfE tests/test_gemv_kernels.py
     step gemv 300 python3 bench/bench_gemv.py --out "$out/$day-h200-gemv.json"
+    step probe-ceilings 120 python3 bench/probe_ceilings.py --no-triton --out "$out/$day-h200-probe-ceilings.json"
     ;;
   *)
     echo "unknown part '$part' (tests | harness | norm | gemv)" >&2
