@@ -18,9 +18,10 @@ random inputs per variant; bound 1e-5), then timed next to:
 
 Variants (:func:`variants`): ``default`` (``gemv_epilogue.tune``), ``classic`` (the classic body's
 tuning, ``tune_classic``: the default before the streaming body), classic with all loads before the
-FMAs, and streaming-body tunings (``s_t<tpr>_u<unroll>_p<blocks per SM>_<load hint>``) over threads
-per row, loads per chunk, persistent grid size and load hint -- the full sweep for the two FFN
-cases, a short list for the others. Each variant is checked, then timed single-launch and b2b.
+FMAs, streaming-body tunings (``s_t<tpr>_u<unroll>_p<blocks per SM>_<load hint>``) over threads
+per row, loads per chunk, persistent grid size and load hint, and x-in-registers tunings
+(``x_t<threads>_r<rows per block>_u<rows loaded together>_<load hint>``) -- the full sweep for the
+two FFN cases, a short list for the others. Each variant is checked, then timed single-launch and b2b.
 Per case the result reports the default and, separately, the best variant in each mode
 (``best_b2b_variant`` / ``best_b2b_tuning``: what ``tune()`` should pick), so tune() can be updated
 from one run.
@@ -121,9 +122,17 @@ def variants(node, p, kind, K, wdt, quick=False):
         name = f"s_t{tpr}_u{unroll}_p{persist}_{ld or 'plain'}"
         out.setdefault(name, tu)
 
+    def xr(tpr, xrows, unroll, ld="na"):
+        xvecs = max(1, min(8, -(-nvec // tpr)))
+        if unroll > xrows or xvecs * unroll * len(p.weights) > 16:  # loads in flight past ~64 registers
+            return
+        out.setdefault(f"x_t{tpr}_r{xrows}_u{unroll}_{ld or 'plain'}",
+                       ge.Tuning(vec, tpr, 1, unroll, xrows=xrows, xvecs=xvecs, ld=ld))
+
     if quick:
         stream(32, 8, 4)
         stream(128, 4, 4)
+        xr(256, 8, 2)
     elif (kind, K, wdt) in FULL_SWEEP:
         for tpr, rows, unroll in ((32, 4, 8), (128, 1, 8), (256, 1, 4)):
             out.setdefault(f"classic_t{tpr}_u{unroll}", ge.Tuning(vec, tpr, rows, unroll))
@@ -138,6 +147,12 @@ def variants(node, p, kind, K, wdt, quick=False):
             for unroll in (4, 8):
                 stream(tpr, unroll, 16 * 32 // tpr)
                 stream(tpr, unroll, 0)
+        for tpr in (64, 128, 256, 512, 1024):
+            for xrows in (4, 8, 16):
+                for unroll in (1, 2, 4):
+                    xr(tpr, xrows, unroll)
+        xr(256, 8, 2, "")
+        xr(256, 8, 2, "cs")
     else:
         out.setdefault("classic_t32_u8", ge.Tuning(vec, 32, 4, 8))
         for unroll in (4, 8):
@@ -146,6 +161,8 @@ def variants(node, p, kind, K, wdt, quick=False):
         stream(32, 4, 4, "")
         stream(128, 4, 4)
         stream(256, 4, 2)
+        for tpr, xrows in ((256, 8), (128, 8), (256, 4), (64, 8)):
+            xr(tpr, xrows, 2)
     seen, uniq = set(), {}
     for name, tu in out.items():
         if tu not in seen:

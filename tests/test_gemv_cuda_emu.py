@@ -79,3 +79,25 @@ def test_streaming_body_matches_interpreter(kind, K, M, wdt, tuning, kw):
 def test_classic_body_matches_interpreter(kind, K, M, wdt):
     k = run_emu(kind, K, M, wdt, lambda b: ge.Tuning(b.vec, 32, 4, 2))
     assert not k.meta["tuning"].stream
+
+
+def xreg(tpr, xrows, xvecs, unroll, ld=""):
+    """The x-in-registers body with tune()'s vector width."""
+    def f(base):
+        return ge.Tuning(base.vec, tpr, 1, unroll, xrows=xrows, xvecs=xvecs, ld=ld)
+    return f
+
+
+@pytest.mark.parametrize("kind,K,M,wdt,tuning,kw", [
+    # one segment (x fits the registers), rows past M in the last block, several warps reduced
+    ("add", 1024, 36, "f16", xreg(64, 8, 2, 2, "na"), {"bdt": "f16", "b_ne": (4,)}),
+    ("swiglu", 512, 19, "f16", xreg(32, 4, 2, 4), {}),
+    # several K segments (accumulators carried across them), K tail inside a segment
+    ("add", 2056, 11, "f16", xreg(64, 4, 2, 1, "cs"), {"swap": True}),
+    ("geglu", 260, 9, "f32", xreg(32, 2, 1, 2), {}),                       # vec 4
+    ("add", 7, 5, "f16", xreg(32, 4, 1, 3), {}),                            # vec 1, unroll not dividing xrows
+    ("add", 136, 13, "f16", xreg(128, 16, 1, 2, "na"), {"w_pad": 8}),       # row stride K + 8, idle threads
+])
+def test_x_in_registers_body_matches_interpreter(kind, K, M, wdt, tuning, kw):
+    k = run_emu(kind, K, M, wdt, tuning, **kw)
+    assert k.meta["tuning"].xrows and "_x" in k.entry

@@ -262,6 +262,10 @@ def test_persistent_grid_splits_rows_evenly():
 
 @pytest.mark.parametrize("tu,backend,msg", [
     (ge.Tuning(8, 32, 4, 4, True, 4, "na"), "msl", "CUDA only"),
+    (ge.Tuning(8, 256, 1, 2, xrows=8, xvecs=4), "wgsl", "CUDA only"),
+    (ge.Tuning(8, 32, 2, 2, xrows=8, xvecs=4), "cuda", "needs stream=False, rows=1"),
+    (ge.Tuning(8, 256, 1, 9, xrows=8, xvecs=4), "cuda", "unroll <= xrows"),
+    (ge.Tuning(8, 256, 1, 2, xvecs=4), "cuda", "xvecs needs xrows"),
     (ge.Tuning(4, 32, 4, 4, False, 4, ""), "cuda", "need the streaming body"),
     (ge.Tuning(8, 32, 4, 4, True, 4, "xx"), "cuda", "ld must be one of"),
     (ge.Tuning(8, 16, 8, 4, True, 4, ""), "cuda", "streaming body needs 32 <= tpr"),
@@ -305,8 +309,9 @@ def all_variants(backend):
 
 def stream_tunings(vec):
     """Streaming-body tunings (CUDA) besides tune()'s (persistent, ``na``, tpr 32 or split K): not
-    persistent with ``cs``, split over 256 threads with plain loads."""
-    return [ge.Tuning(vec, 32, 4, 8, True, 0, "cs"), ge.Tuning(vec, 256, 1, 8, True, 2, "")]
+    persistent with ``cs``, split over 256 threads with plain loads; and x-in-registers tunings."""
+    return [ge.Tuning(vec, 32, 4, 8, True, 0, "cs"), ge.Tuning(vec, 256, 1, 8, True, 2, ""),
+            ge.Tuning(vec, 256, 1, 2, xrows=8, xvecs=4, ld="na"), ge.Tuning(vec, 128, 1, 4, xrows=16, xvecs=2)]
 
 
 def test_every_variant_compiles_with_nvcc():

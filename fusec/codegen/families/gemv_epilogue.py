@@ -105,7 +105,12 @@ class Tuning:
     current chunk's FMAs and row reduction; needs ``tpr >= 32``); ``persist`` > 0 (with ``stream``)
     makes its grid persistent, ``persist`` blocks per SM (``__launch_bounds__`` min blocks), each row
     slot looping over ``ceil(row groups / grid)`` rows; ``ld`` is the weight-load cache hint of the
-    streaming body: ``""`` plain, ``"cs"`` ``__ldcs``, ``"na"`` ``ld.global.nc.L1::no_allocate.L2::256B``."""
+    streaming body: ``""`` plain, ``"cs"`` ``__ldcs``, ``"na"`` ``ld.global.nc.L1::no_allocate.L2::256B``.
+
+    CUDA only: ``xrows`` > 0 selects the x-in-registers body (``cuda/gemv_epilogue_xreg.cu.j2``):
+    a block of ``tpr`` threads (``rows`` = 1) computes ``xrows`` consecutive rows; each thread holds
+    ``xvecs`` vectors of x in registers per K segment and streams the block's weight rows through
+    them, ``unroll`` rows' loads issued together (``ld`` is its load hint too)."""
 
     vec: int
     tpr: int
@@ -114,6 +119,8 @@ class Tuning:
     stream: bool = False
     persist: int = 0
     ld: str = ""
+    xrows: int = 0
+    xvecs: int = 0
 
     @property
     def workgroup(self) -> int:
@@ -283,6 +290,8 @@ def _entry(p: GemvPlan, node: Tensor, tu: Tuning) -> str:
     name += (f"_r{tu.rows}" if tu.rows > 1 else "") + f"_u{tu.unroll}"
     if tu.stream:
         name += "_s" + (f"_p{tu.persist}" if tu.persist else "") + (f"_{tu.ld}" if tu.ld else "")
+    if tu.xrows:
+        name += f"_x{tu.xrows}v{tu.xvecs}" + (f"_{tu.ld}" if tu.ld else "")
     return name
 
 
@@ -312,8 +321,17 @@ def _check_tuning(node: Tensor, tu: Tuning, backend: str) -> None:
         raise bad("tpr must be a power of two, rows and unroll >= 1")
     if tu.ld not in LOAD_HINTS:
         raise bad(f"ld must be one of {LOAD_HINTS}")
-    if (tu.persist or tu.ld) and not tu.stream:
-        raise bad("persist and ld need the streaming body (stream=True)")
+    if tu.persist and not tu.stream or tu.ld and not (tu.stream or tu.xrows):
+        raise bad("persist and ld need the streaming body (stream=True); ld also works with the x-in-registers body")
+    if tu.xrows:
+        if backend != "cuda":
+            raise bad(f"the x-in-registers body (xrows) is CUDA only, not {backend}")
+        if tu.stream or tu.rows != 1 or tu.xvecs < 1 or not 1 <= tu.unroll <= tu.xrows:
+            raise bad("the x-in-registers body needs stream=False, rows=1, xvecs >= 1, 1 <= unroll <= xrows")
+        if not SIMD <= tu.tpr <= 1024:
+            raise bad(f"the x-in-registers body needs {SIMD} <= tpr <= 1024")
+    elif tu.xvecs:
+        raise bad("xvecs needs xrows > 0")
     if tu.stream and backend != "cuda":
         raise bad(f"the streaming body is CUDA only, not {backend}")
     if tu.stream and (tu.tpr < SIMD or tu.tpr > MAX_TPR[backend]):
@@ -335,7 +353,7 @@ def build(node: Tensor, backend: str, tuning: Tuning | None = None, sms: int = C
     types = TYPE_NAMES[backend]
     bindings = [Binding(f"src{i}", node.src[i], node.src[i].dtype) for i in p.inputs]
     bindings.append(Binding("dst", node, node.dtype, write=True))
-    nwg = -(-M // tu.rows)
+    nwg = -(-M // (tu.xrows or tu.rows))
     grid = _persistent_grid(nwg, tu.persist * sms) if tu.persist else _grid(nwg)
     params = []
     for i in p.inputs:
@@ -351,7 +369,7 @@ def build(node: Tensor, backend: str, tuning: Tuning | None = None, sms: int = C
         steps=[{"sym": s.symbol, "src": f"src{s.operand}"} for s in p.steps],
         bindings=bindings, types={b.name: types[b.dtype] for b in bindings}, params=params,
         V=tu.vec, TPR=tu.tpr, R=tu.rows, UNROLL=tu.unroll, SIMD=SIMD,
-        STREAM=tu.stream, PERSIST=tu.persist, LD=tu.ld,
+        STREAM=tu.stream, PERSIST=tu.persist, LD=tu.ld, XROWS=tu.xrows, XVECS=tu.xvecs,
     )
     return Kernel(backend, "gemv_epilogue", entry, source, bindings, params, (tu.workgroup, 1, 1), grid, node,
                   meta={"plan": p, "tuning": tu})
