@@ -49,6 +49,8 @@ UNROLL = 4  # weight vectors each thread loads before using them (bytes in fligh
 LOAD_HINTS = ("", "cs", "na")  # weight loads: plain, __ldcs (evict-first), ld.global.nc.L1::no_allocate.L2::256B
 STREAM_WARPS_PER_SM = 16  # streaming body: resident warps wanted per SM (persist = this / warps per block)
 STREAM_MIN_WARPS = CUDA_SMS * 8  # streaming body: split K over more threads while fewer row warps exist
+XREG_MIN_K = 4096  # CUDA f16 weights: rows at least this long take the x-in-registers body
+XREG_THREADS, XREG_ROWS = 256, 8  # its block size and rows per block (H200 sweep, FFN down)
 STREAM_UNROLL = {1: 8, 2: 4}  # streaming body: loads per weight and thread per chunk, by weight count
 
 
@@ -228,11 +230,18 @@ def tune(node: Tensor, p: GemvPlan, backend: str) -> Tuning:
     (f16 weights, WGSL, MSL) the classic body (:func:`tune_classic`). From the H200 sweep
     (bench/results/2026-11-21-h200-gemv-v2.json, back to back): f32 gate/up 83.3 % of the copy
     ceiling streaming vs 78.5 % classic; f16 gate/up 69.5 % vs 75.6 %, down 35.2 % vs 62.4 % (the
-    classic body's best)."""
+    classic body's best). CUDA with f16 weights (8-vectors) and rows of ``K >= XREG_MIN_K``: the
+    x-in-registers body (the classic body reads 32 bytes of f32 x per 16 bytes of weights; bench
+    results 2026-11-21-h200-gemv-v5.json, FFN down 8192 -> 2048: 77.3 % of the copy ceiling in the
+    steady state vs 68.2 % classic; for K = 2048 the classic body stays ahead)."""
     w = node.src[p.weights[0]]
     if backend == "cuda" and all(node.src[i].dtype == DType.F32 for i in p.weights):
         vec = _vec(node, p, backend)
         return _tune_stream(vec, -(-w.ne[0] // vec), w.ne[1], len(p.weights))
+    if backend == "cuda" and _vec(node, p, backend) == 8 and w.ne[0] >= XREG_MIN_K:
+        nvec = w.ne[0] // 8
+        return Tuning(8, XREG_THREADS, 1, 1, xrows=XREG_ROWS, xvecs=max(1, min(8, -(-nvec // XREG_THREADS))),
+                      ld="na")
     return tune_classic(node, p, backend)
 
 
