@@ -5,7 +5,8 @@ sweep (``fusec bench --variants``) and the tests that compile and run every cand
 :func:`fusec.codegen.families.norm_epilogue.tune` picks, i.e. what ships), ``base`` (the kernel
 shipped before the row-count-aware tuning: one block per row, index division for every row offset,
 no persistent grid: the 2026-11-21 tuned numbers), ``cs`` (``tuned`` with cache-streaming loads and
-stores), ``t<N>`` (one block per row with N threads per row) and, when there are rows enough for a
+stores), ``t<N>`` (one block per row with N threads per row), ``r<N>`` (the same with the row
+streamed from memory in each pass instead of held in registers) and, when there are rows enough for a
 persistent grid (as :func:`~fusec.codegen.families.norm_epilogue.tune` requires), ``p<B>n``
 (persistent, B blocks per SM, next row loaded before the reduction), ``p<B>`` (the default B
 without the next-row prefetch) and ``pn_x32`` / ``pn_x128`` (persistent with next-row prefetch at the
@@ -57,6 +58,15 @@ def cuda_variants(node: Tensor) -> dict[str, Callable[[], Kernel]]:
             continue
         seen.add(tu)
         out[f"t{tpr}"] = lambda tu=tu: ne.build(node, "cuda", tu)
+    # the row streamed from memory in each pass (slots 0: x read twice, the second time from L2; few
+    # registers, so more threads per SM), the shape of torch.compile's looped-reduction Triton kernel
+    for tpr in (256, 512, 1024):
+        if tpr > ne._pow2ceil(nvec) or base.rows != 1:
+            continue
+        tu = ne.Tuning(tuned.vec, tpr, 1, 0)
+        if tu not in seen:
+            seen.add(tu)
+            out[f"r{tpr}"] = lambda tu=tu: ne.build(node, "cuda", tu)
     nrows = x.ne[1] * x.ne[2] * x.ne[3]
     if p.prologue is None and base.rows == 1 and base.slots:
         ps = max(1, ne.CUDA_OPTS["persist_bytes"] // (tuned.vec * esize))
