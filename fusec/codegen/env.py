@@ -53,7 +53,7 @@ def _bytecode_cache() -> jinja2.BytecodeCache | None:
     if os.environ.get("FUSEC_DISABLE_JINJA_BYTECODE") == "1":
         return None
     pkg = Path(__file__).resolve().parents[1]
-    return TemplateBytecodeCache([pkg / d for d in SHIPPED_DIRS], _user_bytecode_dir)
+    return TemplateBytecodeCache([pkg / d for d in SHIPPED_DIRS if (pkg / d).is_dir()], _user_bytecode_dir)
 
 
 @functools.cache
