@@ -71,9 +71,15 @@ print(json.dumps({"runs": out, "import_s": t_import, "render": diskcache.STATS._
 """
 
 
-def _child(repeats: int, env: dict) -> dict:
-    r = subprocess.run([sys.executable, "-c", COLD_CHILD, str(repeats)], env=env, cwd=ROOT, capture_output=True,
-                       text=True, check=True)
+def _child(repeats: int, env: dict, python: str | None = None) -> dict:
+    """Run :data:`COLD_CHILD` in a fresh process: this checkout's fusec, or with ``python`` (another
+    interpreter, e.g. a venv with fusec installed from a wheel) the fusec that interpreter imports."""
+    if python is None:
+        cmd, cwd = [sys.executable, "-c", COLD_CHILD, str(repeats)], ROOT
+    else:
+        cmd, cwd = [python, "-c", COLD_CHILD, str(repeats)], env["FUSEC_CACHE_DIR"]
+        env = {k: v for k, v in env.items() if k != "PYTHONPATH"}
+    r = subprocess.run(cmd, env=env, cwd=cwd, capture_output=True, text=True, check=True)
     return json.loads(r.stdout.strip().splitlines()[-1])
 
 
@@ -81,17 +87,17 @@ def _med(xs):
     return statistics.median(xs) if xs else None
 
 
-def bench_cold(repeats: int) -> dict:
+def bench_cold(repeats: int, python: str | None = None) -> dict:
     base = {**os.environ, "PYTHONPATH": str(ROOT)}
     cold, warm_disk = [], []
     in_process = None
     for _ in range(repeats):
         with tempfile.TemporaryDirectory() as d:
             env = {**base, "FUSEC_CACHE_DIR": d}
-            cold.append(_child(1, env)["runs"][0])  # empty disk cache: every distinct kernel rendered
-            warm_disk.append(_child(1, env)["runs"][0])  # second process: rendered sources from disk
+            cold.append(_child(1, env, python)["runs"][0])  # empty disk cache: every distinct kernel rendered
+            warm_disk.append(_child(1, env, python)["runs"][0])  # second process: rendered sources from disk
             if in_process is None:
-                in_process = _child(5, env)["runs"][1:]  # one process, render memo warm
+                in_process = _child(5, env, python)["runs"][1:]  # one process, render memo warm
     def summary(runs):
         keys = ("build_s", "rewrite_s", "codegen_s", "rewrite_cpu_s", "codegen_cpu_s", "patterns_s", "import_s")
         return {k: _med([r[k] for r in runs]) for k in keys} | {
@@ -184,6 +190,8 @@ def main(argv=None) -> int:
     ap.add_argument("--quick", action="store_true", help="fewer repeats, matcher up to 10k nodes")
     ap.add_argument("--sections", default="cold,decode,matcher",
                     help="comma-separated subset of cold,decode,matcher (default: all)")
+    ap.add_argument("--python", help="cold section only: run its processes with this interpreter (a venv with "
+                    "fusec installed, e.g. from the wheel) instead of this checkout")
     ap.add_argument("-o", "--output")
     args = ap.parse_args(argv)
     sections = set(args.sections.split(","))
@@ -194,7 +202,7 @@ def main(argv=None) -> int:
     res["machine"]["loadavg_start"] = os.getloadavg()
     if "cold" in sections:
         print("cold rewrite+codegen, Llama-3.2-1B 16 layers ...", flush=True)
-        res["cold"] = bench_cold(reps)
+        res["cold"] = bench_cold(reps, args.python)
         print(json.dumps(res["cold"], indent=1), flush=True)
     res["decode"] = []
     for be in [b for b in args.backends.split(",") if b and "decode" in sections]:

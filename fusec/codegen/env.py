@@ -8,6 +8,8 @@ Templates live in ``templates/<backend>/`` (``wgsl``, ``cuda``, ``msl``) and ``t
 from __future__ import annotations
 
 import functools
+import os
+from pathlib import Path
 from typing import Any
 
 import jinja2
@@ -15,6 +17,7 @@ import jinja2
 from ..errors import CodegenError
 from ..ir.dtypes import DType
 from ..resources import templates_dir
+from .jinja_bytecode import SHIPPED_DIRS, TemplateBytecodeCache, make_environment
 
 # per-backend dialect tables: element type names in storage and in registers
 TYPE_NAMES = {
@@ -33,33 +36,30 @@ PARAM_TYPE_NAMES = {
 }
 
 
-def _bytecode_cache() -> jinja2.BytecodeCache | None:
-    """Jinja's own on-disk cache of compiled templates (in ``$FUSEC_CACHE_DIR/jinja``; keyed by
-    Jinja on the template's name and source checksum), so a new process does not recompile them."""
+def _user_bytecode_dir() -> Path | None:
+    """``$FUSEC_CACHE_DIR/jinja``, or ``None`` when the disk cache is disabled."""
     from . import diskcache  # noqa: PLC0415
 
-    if not diskcache.disk_enabled():
+    return diskcache.cache_dir() / "jinja" if diskcache.disk_enabled() else None
+
+
+def _bytecode_cache() -> jinja2.BytecodeCache | None:
+    """Compiled templates from the bytecode shipped with the package (compiled at build time by
+    ``hatch_build.py``; read-only), then from ``$FUSEC_CACHE_DIR/jinja`` (written on a miss), so a
+    new process does not recompile templates. ``FUSEC_DISABLE_DISK_CACHE=1`` (or
+    ``FUSEC_DISABLE_RENDER_CACHE=1``) turns the user folder off but keeps the shipped bytecode
+    (like ``.pyc`` files of the package; every entry is checked against the template source);
+    ``FUSEC_DISABLE_JINJA_BYTECODE=1`` turns both off (every process compiles its templates)."""
+    if os.environ.get("FUSEC_DISABLE_JINJA_BYTECODE") == "1":
         return None
-    try:
-        d = diskcache.cache_dir() / "jinja"
-        d.mkdir(parents=True, exist_ok=True)
-        return jinja2.FileSystemBytecodeCache(str(d))
-    except OSError:
-        return None
+    pkg = Path(__file__).resolve().parents[1]
+    return TemplateBytecodeCache([pkg / d for d in SHIPPED_DIRS if (pkg / d).is_dir()], _user_bytecode_dir)
 
 
 @functools.cache
 def environment() -> jinja2.Environment:
-    env = jinja2.Environment(
-        loader=jinja2.FileSystemLoader(str(templates_dir())),
-        bytecode_cache=_bytecode_cache(),
-        undefined=jinja2.StrictUndefined,
-        trim_blocks=True,
-        lstrip_blocks=True,
-        keep_trailing_newline=True,
-        autoescape=False,
-    )
-    return env
+    """The process's template environment (created once; see :func:`_bytecode_cache`)."""
+    return make_environment(templates_dir(), _bytecode_cache())
 
 
 def render(template: str, **ctx: Any) -> str:

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 
 import numpy as np
@@ -13,12 +14,14 @@ ROPE_MODE_NORMAL = 0
 ROPE_MODE_NEOX = 2
 
 
+@functools.lru_cache(maxsize=256, typed=True)
 def yarn_corr_dims(n_dims: int, n_ctx_orig: int, freq_base: float, beta_fast: float,
                    beta_slow: float) -> tuple[float, float]:
     """The YaRN ramp's ``[low, high]`` pair indices (ggml_rope_yarn_corr_dims): with
     ``corr_dim(r) = n_dims * ln(n_ctx_orig / (r * 2π)) / (2 ln(freq_base))``,
     ``low = max(0, floor(corr_dim(beta_fast)))``, ``high = min(n_dims - 1, ceil(corr_dim(beta_slow)))``.
-    ``n_ctx_orig <= 0`` gives ``-inf`` corr dims, as ``logf(0)`` does in ggml."""
+    ``n_ctx_orig <= 0`` gives ``-inf`` corr dims, as ``logf(0)`` does in ggml. Memoized (a pure
+    function of its scalars; every rope kernel of a model asks for the same pair)."""
 
     def corr_dim(n_rot: float) -> float:
         with np.errstate(divide="ignore"):

@@ -16,8 +16,9 @@ class DType(enum.Enum):
 
     @property
     def size(self) -> int:
-        """Bytes per element."""
-        return _SIZES[self]
+        """Bytes per element (looked up by the value string: hashing an enum member runs Python code,
+        and codegen asks for sizes thousands of times a graph)."""
+        return _SIZES_BY_VALUE[self._value_]
 
     @property
     def np(self) -> np.dtype:
@@ -41,6 +42,7 @@ class DType(enum.Enum):
 
 
 _SIZES = {DType.F32: 4, DType.F16: 2, DType.I32: 4}
+_SIZES_BY_VALUE = {d.value: n for d, n in _SIZES.items()}
 _NP = {DType.F32: np.float32, DType.F16: np.float16, DType.I32: np.int32}
 
 F32, F16, I32 = DType.F32, DType.F16, DType.I32
