@@ -56,8 +56,13 @@ this fraction is flagged (the GPU changed state while the case was timed)."""
 SWEEP_SAMPLE_ROWS = 32
 """Rows read back (at the start, middle and end of the output) to check a candidate of the sweep."""
 
-WARM_S = 0.05
-"""Seconds of flushed passes of the timed dispatches before each timing (GPU only; CPU adapters: 3 passes)."""
+WARM_S = 0.4
+"""Seconds of flushed passes of the timed dispatches, fed without host waits, before each timing (GPU
+only; CPU adapters: 3 passes). 50 ms with a host wait after every 10 passes left the H200's SM clock
+at 345-990 MHz for whole runs (nvidia-smi log, 2026-11-21-h200-wgpu-diag)."""
+
+WARM_QUEUE = 4
+"""Warm-up submissions in flight before the host waits for the GPU once."""
 
 
 def copy_wgsl(vpt: int = COPY_VPT) -> str:
@@ -220,7 +225,11 @@ class WgpuTimer:
 
     def warm(self, dispatches, n: int = 3) -> None:
         """At least ``n`` passes of ``dispatches``, then more (each after an L2 flush, 10 per
-        submission) until ``warm_s`` seconds have passed."""
+        submission) until ``warm_s`` seconds have passed, submitted without waiting in between
+        (at most ``WARM_QUEUE`` submissions ahead of the GPU): the GPU never idles, so its clock
+        governor, which lowers the SM clock when the GPU waits for the host between submissions
+        (H200: 345-990 MHz instead of 1980 in such gaps, ``bench/notes-norm-wgsl.md``), keeps it up.
+        The timed submission follows without a wait."""
         dev = rt.device()
         t0, done = time.perf_counter(), 0
         while done < n or time.perf_counter() - t0 < self.warm_s:
@@ -231,9 +240,10 @@ class WgpuTimer:
                 encode_pass(enc, dispatches)
             dev.queue.submit([enc.finish()])
             done += 1
-            if self.warm_s:
+            if self.warm_s and done % WARM_QUEUE == 0:
                 wait_idle()
-        wait_idle()
+        if not self.warm_s:
+            wait_idle()
 
     def __call__(self, dispatches, reps: int = 30) -> float:
         """Median time in microseconds of one pass running ``dispatches`` (flushed before each)."""
