@@ -283,3 +283,19 @@ def test_pending_entries_are_written_at_interpreter_exit(tmp_path, how):
         assert files == []
     else:
         assert len(files) == 1 and json.loads(files[0].read_text())["source"]
+
+
+def test_cli_compile_flushes_pending_renders(cache_dir, tmp_path):
+    """``fusec compile`` called in-process (no interpreter exit) leaves nothing pending."""
+    from fusec.cli import main
+
+    g = {"format": "fusec-graph", "version": 1, "outputs": [2], "nodes": [
+        {"id": 0, "name": "a", "op": "NONE", "dtype": "f32", "ne": [8, 2, 1, 1], "flags": ["input"]},
+        {"id": 1, "name": "b", "op": "NONE", "dtype": "f32", "ne": [8, 2, 1, 1], "flags": ["input"]},
+        {"id": 2, "name": "y", "op": "ADD", "dtype": "f32", "ne": [8, 2, 1, 1], "src": [0, 1]}]}
+    path = tmp_path / "g.json"
+    path.write_text(json.dumps(g))
+    assert main(["compile", "--graph", str(path), "--target", "wgsl", "-o", str(tmp_path / "out"), "--no-check"]) == 0
+    assert diskcache.pending() == 0 and diskcache.STATS.misses > 0
+    assert diskcache.STATS.disk_writes == diskcache.STATS.misses
+    assert len(list((cache_dir / "kernels").rglob("*.json"))) == diskcache.STATS.misses
