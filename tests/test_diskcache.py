@@ -243,6 +243,7 @@ def test_context_changed_by_the_caller_after_the_miss_is_not_cached(cache_dir, m
     widths[0] = 8
     assert diskcache.flush() == 0 and not (cache_dir / "kernels").exists()
     assert diskcache.cached_render("wgsl/m.j2", node_name="b", widths=[4]).endswith("w = 4;\n")
+    assert diskcache.STATS.misses == 2 and diskcache.flush() == 1  # not marked uncacheable: cached now
 
 
 def test_reset_drops_pending_entries(cache_dir):

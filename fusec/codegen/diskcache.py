@@ -372,12 +372,17 @@ def cached_render(template: str, **ctx: Any) -> str:
     return real
 
 
-def _verify(p: _Pending, sctx: dict[str, Any]) -> str | None:
+_STALE = object()
+
+
+def _verify(p: _Pending, sctx: dict[str, Any]) -> Any:
     """Render ``p``'s sentinel context ``sctx``; the generic text when substituting the real names
-    back gives exactly the real render (and the context still has the entry's key), else ``None``."""
-    rk = render_key(p.template, sctx)  # its other values are shared with the caller: still the same?
+    back gives exactly the real render, ``None`` when it does not (the template uses a left-out
+    value), :data:`_STALE` when the context no longer has the entry's key (the caller changed a
+    value it shares with the entry after the render: nothing can be concluded, the entry is dropped)."""
+    rk = render_key(p.template, sctx)
     if rk is None or rk[1] != p.key_text:
-        return None
+        return _STALE
     try:
         generic = env.render(p.template, **sctx)
     except Exception:  # noqa: BLE001 - the template needs a left-out value: never cache it
@@ -402,15 +407,16 @@ def _verify_pending(digest: str, count_render: bool = False) -> str | None:
         if count_render:
             STATS.render_s += time.perf_counter() - t0
         STATS.verified += 1
-        if generic is None:
-            _uncacheable.add(digest)
+        if generic is None or generic is _STALE:
+            if generic is None:
+                _uncacheable.add(digest)
             if _pending.get(digest) is p:
                 del _pending[digest]
-        else:
-            p.generic = generic
-            _memory[digest] = generic
-            if p.disk is None and _pending.get(digest) is p:
-                del _pending[digest]
+            return None
+        p.generic = generic
+        _memory[digest] = generic
+        if p.disk is None and _pending.get(digest) is p:
+            del _pending[digest]
     return generic
 
 
