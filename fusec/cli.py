@@ -570,6 +570,17 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("fusec: interrupted", file=sys.stderr)
         return 130
+    finally:
+        _flush_render_cache()
+
+
+def _flush_render_cache() -> None:
+    """Verify and write the kernel renders a command left pending (``fusec.codegen.diskcache`` is
+    write-behind; its ``atexit`` hook would do it too, but not when ``main`` is called in-process,
+    e.g. by tests or another tool). Nothing to do when the command did no codegen."""
+    dc = sys.modules.get("fusec.codegen.diskcache")
+    if dc is not None:
+        dc.flush()
 
 
 if __name__ == "__main__":

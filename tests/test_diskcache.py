@@ -58,8 +58,11 @@ def test_cached_render_is_identical_to_plain_render(cache_dir, backend, monkeypa
 def test_second_process_hits_the_disk(cache_dir):
     g = _graph()
     first = _sources(g, "wgsl")
-    written = diskcache.STATS.disk_writes
-    assert written > 0 and diskcache.STATS.disk_hits == 0
+    assert diskcache.STATS.disk_writes == 0 and diskcache.pending() > 0  # write-behind
+    assert not (cache_dir / "kernels").exists()
+    written = diskcache.flush()
+    assert written == diskcache.STATS.disk_writes > 0 and diskcache.STATS.disk_hits == 0
+    assert diskcache.pending() == 0
     files = list((cache_dir / "kernels").rglob("*.json"))
     assert len(files) == written
     diskcache.reset()  # a fresh process: no in-memory state
@@ -100,6 +103,7 @@ def test_real_second_process_and_concurrent_writers(cache_dir):
 def test_corrupt_or_foreign_entries_are_ignored_and_rewritten(cache_dir):
     g = _graph()
     first = _sources(g, "wgsl")
+    diskcache.flush()
     files = sorted((cache_dir / "kernels").rglob("*.json"))
     files[0].write_text("{not json")
     data = json.loads(files[1].read_text())
@@ -107,12 +111,15 @@ def test_corrupt_or_foreign_entries_are_ignored_and_rewritten(cache_dir):
     diskcache.reset()
     assert _sources(g, "wgsl") == first
     assert diskcache.STATS.misses == 2
+    assert diskcache.flush() == 2
     json.loads(files[0].read_text())
+    assert json.loads(files[1].read_text())["key"] == data["key"]
 
 
 def test_disk_can_be_turned_off(cache_dir, monkeypatch):
     monkeypatch.setenv("FUSEC_DISABLE_DISK_CACHE", "1")
     _sources(_graph(), "wgsl")
+    diskcache.flush()
     assert not (cache_dir / "kernels").exists() and diskcache.STATS.memory_hits > 0
 
 
@@ -121,6 +128,7 @@ def test_unwritable_cache_dir_does_not_fail_codegen(cache_dir, monkeypatch):
     blocker.write_text("x")
     monkeypatch.setenv("FUSEC_CACHE_DIR", str(blocker))  # a file: mkdir below it fails
     assert _sources(_graph(), "wgsl")
+    assert diskcache.flush() == 0 and diskcache.pending() == 0
     assert diskcache.STATS.disk_writes == 0
 
 
@@ -168,3 +176,127 @@ def test_key_includes_version_template_hash_and_backend(cache_dir):
     d4, _ = diskcache.render_key("wgsl/unary.wgsl.j2", {"a": 1.0, "node_name": "n1"})
     assert d1 != d2 and d1 == d3 and d1 != d4
     assert diskcache.template_hash() in text and "fusec " in text
+
+
+# -- write-behind --------------------------------------------------------------------------------------
+
+
+def test_miss_returns_the_uncached_render_and_leaves_the_entry_pending(cache_dir, monkeypatch):
+    g = _graph()
+    monkeypatch.setenv("FUSEC_DISABLE_RENDER_CACHE", "1")
+    plain = _sources(g, "wgsl")
+    monkeypatch.delenv("FUSEC_DISABLE_RENDER_CACHE")
+    diskcache.reset()
+    assert _sources(g, "wgsl") == plain
+    n = diskcache.STATS.misses
+    assert n > 0 and diskcache.pending() == n and diskcache.STATS.disk_writes == 0
+    assert not (cache_dir / "kernels").exists()
+    assert diskcache.flush() == n and diskcache.pending() == 0
+    assert len(list((cache_dir / "kernels").rglob("*.json"))) == n
+    diskcache.reset()  # a fresh process reads what the flush wrote
+    assert _sources(g, "wgsl") == plain
+    assert diskcache.STATS.misses == 0 and diskcache.STATS.disk_hits == n
+
+
+def test_memory_hit_is_served_only_after_verification(cache_dir, monkeypatch):
+    calls = []
+
+    def fake(template, **ctx):
+        calls.append(ctx["node_name"])
+        return f"// nodes: {ctx['node_name']}\nfn main() {{ }}\n"
+
+    monkeypatch.setattr(diskcache.env, "render", fake)
+    a = diskcache.cached_render("wgsl/v.j2", node_name="a", params=[("n", "u32", 1)])
+    assert calls == ["a"] and diskcache.STATS.verified == 0  # one render, verification pending
+    b = diskcache.cached_render("wgsl/v.j2", node_name="b", params=[("n", "u32", 2)])
+    assert len(calls) == 2 and calls[1].startswith("\x01")  # the verification render, then a hit
+    c = diskcache.cached_render("wgsl/v.j2", node_name="c", params=[("n", "u32", 3)])
+    assert len(calls) == 2 and diskcache.STATS.verified == 1 and diskcache.STATS.memory_hits == 2
+    assert (a, b, c) == tuple(f"// nodes: {x}\nfn main() {{ }}\n" for x in "abc")
+    assert diskcache.pending() == 1 and diskcache.flush() == 1  # verified, written at the flush
+    assert len(calls) == 2
+
+
+def test_flush_refuses_a_template_using_a_left_out_value(cache_dir, monkeypatch):
+    """A pending entry whose template puts a parameter value into the code is dropped at the flush
+    (nothing written) and the key is rendered every time afterwards."""
+    def fake(template, **ctx):
+        return f"const P = {ctx['params'][0][2]};\n"
+
+    monkeypatch.setattr(diskcache.env, "render", fake)
+    assert diskcache.cached_render("wgsl/u.j2", node_name="a", params=[("n", "u32", 1)]) == "const P = 1;\n"
+    assert diskcache.flush() == 0 and diskcache.pending() == 0
+    assert not (cache_dir / "kernels").exists()
+    assert diskcache.cached_render("wgsl/u.j2", node_name="b", params=[("n", "u32", 5)]) == "const P = 5;\n"
+    assert diskcache.STATS.uncacheable == 1 and diskcache.STATS.memory_hits == 0
+
+
+def test_context_changed_by_the_caller_after_the_miss_is_not_cached(cache_dir, monkeypatch):
+    """The pending entry shares the caller's context values; if they change before the verification,
+    the key no longer matches and nothing is cached."""
+    def fake(template, **ctx):
+        return f"// nodes: {ctx['node_name']}\nlet w = {ctx['widths'][0]};\n"
+
+    monkeypatch.setattr(diskcache.env, "render", fake)
+    widths = [4]
+    assert diskcache.cached_render("wgsl/m.j2", node_name="a", widths=widths).endswith("w = 4;\n")
+    widths[0] = 8
+    assert diskcache.flush() == 0 and not (cache_dir / "kernels").exists()
+    assert diskcache.cached_render("wgsl/m.j2", node_name="b", widths=[4]).endswith("w = 4;\n")
+    assert diskcache.STATS.misses == 2 and diskcache.flush() == 1  # not marked uncacheable: cached now
+
+
+def test_reset_drops_pending_entries(cache_dir):
+    _sources(_graph(), "wgsl")
+    assert diskcache.pending() > 0
+    diskcache.reset()
+    assert diskcache.pending() == 0 and diskcache.flush() == 0
+    assert not (cache_dir / "kernels").exists()
+
+
+_EXIT_SCRIPT = """
+import os, sys
+from fusec.codegen import diskcache
+import fusec.codegen as cg
+from fusec.ir import GraphBuilder
+b = GraphBuilder()
+x = b.input("x", "f32", (8, 2))
+g = b.build([b.scale(x, 2.0, name="y")])
+cg.emit(g.by_name("y"), "wgsl")
+assert diskcache.pending() == 1 and diskcache.STATS.disk_writes == 0
+if sys.argv[1] == "kill":
+    os._exit(0)  # no atexit: pending entries are lost
+"""
+
+
+@pytest.mark.parametrize("how", ["exit", "kill"])
+def test_pending_entries_are_written_at_interpreter_exit(tmp_path, how):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FUSEC_DISABLE")}
+    env.update(FUSEC_CACHE_DIR=str(tmp_path), PYTHONPATH=str(root))
+    subprocess.run([sys.executable, "-c", _EXIT_SCRIPT, how], env=env, cwd=root, check=True, timeout=120)
+    files = list((tmp_path / "kernels").rglob("*.json"))
+    if how == "kill":
+        assert files == []
+    else:
+        assert len(files) == 1 and json.loads(files[0].read_text())["source"]
+
+
+def test_cli_compile_flushes_pending_renders(cache_dir, tmp_path):
+    """``fusec compile`` called in-process (no interpreter exit) leaves nothing pending."""
+    from fusec.cli import main
+
+    g = {"format": "fusec-graph", "version": 1, "outputs": [2], "nodes": [
+        {"id": 0, "name": "a", "op": "NONE", "dtype": "f32", "ne": [8, 2, 1, 1], "flags": ["input"]},
+        {"id": 1, "name": "b", "op": "NONE", "dtype": "f32", "ne": [8, 2, 1, 1], "flags": ["input"]},
+        {"id": 2, "name": "y", "op": "ADD", "dtype": "f32", "ne": [8, 2, 1, 1], "src": [0, 1]}]}
+    path = tmp_path / "g.json"
+    path.write_text(json.dumps(g))
+    assert main(["compile", "--graph", str(path), "--target", "wgsl", "-o", str(tmp_path / "out"), "--no-check"]) == 0
+    assert diskcache.pending() == 0 and diskcache.STATS.misses > 0
+    assert diskcache.STATS.disk_writes == diskcache.STATS.misses
+    assert len(list((cache_dir / "kernels").rglob("*.json"))) == diskcache.STATS.misses

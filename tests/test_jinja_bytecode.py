@@ -155,3 +155,36 @@ def test_kernels_from_shipped_bytecode_are_byte_identical(isolated, compiles, mo
     compiled = _sources(backend)
     assert len(set(compiles)) >= 5  # the graph uses several template families
     assert from_bytecode == compiled
+
+
+def test_load_bucket_reads_what_jinja_reads(tmp_path):
+    """``load_bucket`` (``marshal.loads`` from the bytes) gives Jinja's own ``Bucket.load_bytecode``
+    result on every entry, and misses on a wrong checksum, a wrong magic and truncated data."""
+    import marshal
+
+    out = tmp_path / "bc"
+    jb.precompile(templates_dir(), out)
+    e = jb.make_environment(templates_dir())
+    cache = _cache(out)
+    for p in sorted(templates_dir().rglob("*.j2")):
+        name = p.relative_to(templates_dir()).as_posix()
+        source, filename, _ = e.loader.get_source(e, name)
+        ref = jinja2.bccache.Bucket(e, cache.get_cache_key(name), cache.get_source_checksum(source))
+        with open(out / f"{ref.key}.cache", "rb") as f:
+            ref.load_bytecode(f)
+        data = (out / f"{ref.key}.cache").read_bytes()
+        b = jinja2.bccache.Bucket(e, ref.key, ref.checksum)
+        jb.load_bucket(b, data)
+        assert ref.code is not None and marshal.dumps(b.code) == marshal.dumps(ref.code)
+    stale = jinja2.bccache.Bucket(e, ref.key, "0" * 40)
+    jb.load_bucket(stale, data)
+    assert stale.code is None
+    foreign = jinja2.bccache.Bucket(e, ref.key, ref.checksum)
+    jb.load_bucket(foreign, b"j3" + data[2:])
+    assert foreign.code is None
+    short = jinja2.bccache.Bucket(e, ref.key, ref.checksum)
+    try:
+        jb.load_bucket(short, data[: len(data) // 2])
+    except Exception:  # noqa: BLE001 - TemplateBytecodeCache._load turns errors into misses
+        short.reset()
+    assert short.code is None

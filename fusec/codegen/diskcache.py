@@ -15,17 +15,28 @@ the cost of codegen (about 0.3 ms a kernel here, against tens of µs for computi
   values are runtime parameters, see ``docs/ARCHITECTURE.md``) and the tensors of
   :class:`~fusec.codegen.kernel.Binding` records (name, dtype and write flag stay).
 
-That the left-out values really do not shape the text is *checked* on every miss: the template is
-rendered a second time with sentinel names, perturbed parameter values and bindings without
-tensors; the text is cached only when substituting the real names back gives exactly the first
-render. A template that uses one of them is simply never cached. So a cached render is always
-byte-identical to an uncached one.
+That the left-out values really do not shape the text is *checked* for every entry before it is
+served: the template is rendered a second time with sentinel names, perturbed parameter values and
+bindings without tensors; the text is cached only when substituting the real names back gives
+exactly the real render. A template that uses one of them is simply never cached. So a cached
+(memory or disk) render is always byte-identical to an uncached one.
+
+Write-behind: a miss renders once, with the real context, and returns that text (an uncached render,
+correct by construction); the verification render and the disk write are *pending* until
+:func:`flush` (called at interpreter exit through :mod:`atexit`, and at the end of the ``fusec``
+CLI commands), so that a process's first codegen does not pay them. The in-memory memo holds only
+verified entries: the first later call with the same key (another node of the same kernel) verifies
+the pending entry before it is served (the verification render costs what rendering that call
+would), and a failed verification renders the call itself. No thread is started. A process killed
+abruptly (``SIGKILL``, ``os._exit``, e.g. a ``fork``-started :mod:`multiprocessing` worker) loses
+its pending entries: they are rendered again by a later process, nothing wrong is ever cached.
 
 On disk (``$FUSEC_CACHE_DIR``, default ``~/.cache/fusec``) each entry is one JSON file
 ``kernels/<digest[:2]>/<digest>.json`` holding the full key text and the source; it is written to
 a temporary file in the same folder and renamed into place (``os.replace``), so concurrent writers
 (two processes rendering the same kernel) never leave a partial file and readers never see one; a
-file whose key text differs or that does not parse is ignored and rewritten. Environment:
+file whose key text differs or that does not parse is ignored and rewritten. A pending entry is
+written under the cache folder of the time it was rendered. Environment:
 ``FUSEC_DISABLE_DISK_CACHE=1`` turns the disk off (memory memo only), ``FUSEC_DISABLE_RENDER_CACHE=1``
 turns both off.
 
@@ -37,6 +48,7 @@ NVRTC-compiled cubins keyed by source text, options and architecture (``CUPY_CAC
 
 from __future__ import annotations
 
+import atexit
 import hashlib
 import json
 import os
@@ -69,8 +81,10 @@ class RenderStats:
         memory_hits, disk_hits, misses: renders served from memory, from disk, rendered.
         uncacheable: renders whose template uses a left-out value (rendered every time).
         disk_writes: files written.
-        render_s: seconds spent in Jinja (misses, including the verification render).
+        render_s: seconds spent in Jinja (misses, and verification renders done before a memory hit).
         emit_s: seconds spent in ``fusec.codegen.emit`` (all of codegen; updated by ``emit``).
+        verified: pending entries verified (before a memory hit or by :func:`flush`).
+        flush_s: seconds spent in :func:`flush` (verification renders and disk writes left behind).
     """
 
     memory_hits: int = 0
@@ -80,13 +94,33 @@ class RenderStats:
     disk_writes: int = 0
     render_s: float = 0.0
     emit_s: float = 0.0
+    verified: int = 0
+    flush_s: float = 0.0
+
+
+@dataclass
+class _Pending:
+    """A miss's entry waiting for its verification render (``generic is None``) and/or its disk
+    write (``disk`` is the cache folder of the time of the render, ``None``: memory only)."""
+
+    template: str
+    key_text: str
+    real: str
+    sctx: dict[str, Any] | None
+    subs: list[tuple[str, str]]
+    disk: Path | None
+    generic: str | None = None
 
 
 STATS = RenderStats()
 _memory: dict[str, str] = {}
+"""Verified entries only: digest -> text with sentinel names."""
+_pending: dict[str, _Pending] = {}
+"""Entries rendered but not yet verified and/or not yet written to disk (see :func:`flush`)."""
 _uncacheable: set[str] = set()
 _lock = threading.Lock()
 _template_hash: str | None = None
+_atexit_registered = False
 
 
 def cache_dir() -> Path:
@@ -105,11 +139,13 @@ def enabled() -> bool:
 
 
 def reset(memory: bool = True) -> None:
-    """Forget the in-memory state (as a fresh process would) and zero :data:`STATS`."""
+    """Forget the in-memory state (as a fresh process would; pending entries are dropped, not
+    written: call :func:`flush` first to keep them) and zero :data:`STATS`."""
     global _template_hash
     with _lock:
         if memory:
             _memory.clear()
+            _pending.clear()
             _uncacheable.clear()
             _template_hash = None
         for f in fields(RenderStats):
@@ -248,15 +284,15 @@ def _real_subs(ctx: dict[str, Any]) -> list[tuple[str, str]]:
 # -- disk ------------------------------------------------------------------------------------------
 
 
-def _path(digest: str) -> Path:
-    return cache_dir() / "kernels" / digest[:2] / f"{digest}.json"
+def _path(digest: str, folder: Path | None = None) -> Path:
+    return (cache_dir() if folder is None else folder) / "kernels" / digest[:2] / f"{digest}.json"
 
 
-def disk_read(digest: str, key_text: str) -> str | None:
-    """The cached template text (with sentinels) for ``digest``, or ``None`` (absent, unreadable,
-    or written for another key)."""
+def disk_read(digest: str, key_text: str, folder: Path | None = None) -> str | None:
+    """The cached template text (with sentinels) for ``digest`` under ``folder`` (default
+    :func:`cache_dir`), or ``None`` (absent, unreadable, or written for another key)."""
     try:
-        data = json.loads(_path(digest).read_text(encoding="utf-8"))
+        data = json.loads(_path(digest, folder).read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
     if not isinstance(data, dict) or data.get("key") != key_text or not isinstance(data.get("source"), str):
@@ -264,12 +300,13 @@ def disk_read(digest: str, key_text: str) -> str | None:
     return data["source"]
 
 
-def disk_write(digest: str, key_text: str, source: str) -> bool:
-    """Store an entry atomically (temporary file in the same folder, then ``os.replace``).
+def disk_write(digest: str, key_text: str, source: str, folder: Path | None = None) -> bool:
+    """Store an entry atomically (temporary file in the same folder, then ``os.replace``) under
+    ``folder`` (default :func:`cache_dir`).
 
     Returns False (and leaves no file behind) when the folder cannot be written; a read-only or
     full cache never fails a compile."""
-    path = _path(digest)
+    path = _path(digest, folder)
     tmp = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -294,7 +331,8 @@ def cached_render(template: str, **ctx: Any) -> str:
     """Drop-in replacement of :func:`fusec.codegen.env.render` with the caches of this module.
 
     Returns exactly the text ``env.render(template, **ctx)`` returns; raises what it raises
-    (:class:`fusec.errors.CodegenError`).
+    (:class:`fusec.errors.CodegenError`). A miss leaves its verification and disk write pending
+    (see :func:`flush`).
     """
     if not enabled():
         return env.render(template, **ctx)
@@ -305,6 +343,8 @@ def cached_render(template: str, **ctx: Any) -> str:
         return env.render(template, **ctx)
     digest, key_text = rk
     text = _memory.get(digest)
+    if text is None and digest in _pending:
+        text = _verify_pending(digest, count_render=True)
     if text is not None:
         with _lock:
             STATS.memory_hits += 1
@@ -313,8 +353,9 @@ def cached_render(template: str, **ctx: Any) -> str:
         with _lock:
             STATS.uncacheable += 1
         return env.render(template, **ctx)
-    if disk_enabled():
-        text = disk_read(digest, key_text)
+    disk = cache_dir() if disk_enabled() else None
+    if disk is not None:
+        text = disk_read(digest, key_text, disk)
         if text is not None:
             with _lock:
                 STATS.disk_hits += 1
@@ -322,23 +363,105 @@ def cached_render(template: str, **ctx: Any) -> str:
             return _substitute(text, _real_subs(ctx))
     t0 = time.perf_counter()
     real = env.render(template, **ctx)
-    sctx, subs = _sentinels(ctx)
-    try:
-        generic = env.render(template, **sctx)
-    except Exception:  # noqa: BLE001 - the template needs a left-out value: never cache it
-        generic = None
-    ok = generic is not None and _substitute(generic, subs) == real
+    sctx, subs = _sentinels(ctx)  # taken now: the caller may reuse its lists after we return
     with _lock:
         STATS.render_s += time.perf_counter() - t0
         STATS.misses += 1
-        if ok:
-            _memory[digest] = generic  # type: ignore[assignment]
-        else:
-            _uncacheable.add(digest)
-    if ok and disk_enabled() and disk_write(digest, key_text, generic):  # type: ignore[arg-type]
-        with _lock:
-            STATS.disk_writes += 1
+        _pending.setdefault(digest, _Pending(template, key_text, real, sctx, subs, disk))
+    _register_atexit()
     return real
+
+
+_STALE = object()
+
+
+def _verify(p: _Pending, sctx: dict[str, Any]) -> Any:
+    """Render ``p``'s sentinel context ``sctx``; the generic text when substituting the real names
+    back gives exactly the real render, ``None`` when it does not (the template uses a left-out
+    value), :data:`_STALE` when the context no longer has the entry's key (the caller changed a
+    value it shares with the entry after the render: nothing can be concluded, the entry is dropped)."""
+    rk = render_key(p.template, sctx)
+    if rk is None or rk[1] != p.key_text:
+        return _STALE
+    try:
+        generic = env.render(p.template, **sctx)
+    except Exception:  # noqa: BLE001 - the template needs a left-out value: never cache it
+        return None
+    return generic if _substitute(generic, p.subs) == p.real else None
+
+
+def _verify_pending(digest: str, count_render: bool = False) -> str | None:
+    """Verify the pending entry ``digest`` and move it to the memo (its disk write stays pending)
+    or to the uncacheable set; the verified text, or ``None`` (failed, or being verified by another
+    thread: that caller renders its own call)."""
+    with _lock:
+        p = _pending.get(digest)
+        if p is None:
+            return _memory.get(digest)
+        if p.generic is not None or p.sctx is None:
+            return p.generic
+        sctx, p.sctx = p.sctx, None  # claimed
+    t0 = time.perf_counter()
+    generic = _verify(p, sctx)
+    with _lock:
+        if count_render:
+            STATS.render_s += time.perf_counter() - t0
+        STATS.verified += 1
+        if generic is None or generic is _STALE:
+            if generic is None:
+                _uncacheable.add(digest)
+            if _pending.get(digest) is p:
+                del _pending[digest]
+            return None
+        p.generic = generic
+        _memory[digest] = generic
+        if p.disk is None and _pending.get(digest) is p:
+            del _pending[digest]
+    return generic
+
+
+def flush() -> int:
+    """Verify every pending entry and write the verified ones to disk (see the module docstring);
+    returns the number of files written. Never raises (a failure drops the entry: nothing is
+    cached that was not verified). Called at interpreter exit; call it earlier to persist renders
+    sooner (e.g. before handing the cache folder to another process)."""
+    t0 = time.perf_counter()
+    written = 0
+    while True:
+        with _lock:
+            digest = next(iter(_pending), None)
+        if digest is None:
+            break
+        try:
+            generic = _verify_pending(digest)
+        except Exception:  # noqa: BLE001 - a cache never fails the caller
+            generic = None
+        with _lock:
+            p = _pending.pop(digest, None)
+        if generic is None or p is None or p.disk is None or p.generic is None:
+            continue
+        try:
+            ok = disk_write(digest, p.key_text, p.generic, p.disk)
+        except Exception:  # noqa: BLE001
+            ok = False
+        if ok:
+            written += 1
+            with _lock:
+                STATS.disk_writes += 1
+    STATS.flush_s += time.perf_counter() - t0
+    return written
+
+
+def pending() -> int:
+    """Entries waiting for :func:`flush`."""
+    return len(_pending)
+
+
+def _register_atexit() -> None:
+    global _atexit_registered
+    if not _atexit_registered:
+        _atexit_registered = True
+        atexit.register(flush)
 
 
 def install() -> None:
@@ -349,5 +472,5 @@ def install() -> None:
             mod.render = cached_render  # type: ignore[attr-defined]
 
 
-__all__ = ["STATS", "RenderStats", "cache_dir", "cached_render", "disk_read", "disk_write", "install",
-           "render_key", "reset", "template_hash"]
+__all__ = ["STATS", "RenderStats", "cache_dir", "cached_render", "disk_read", "disk_write", "flush", "install",
+           "pending", "render_key", "reset", "template_hash"]
