@@ -84,6 +84,8 @@ def test_broken_wgsl_kernel_is_incorrect_and_not_timed(monkeypatch):
     row = check_and_time(m, good, timing=True)
     m.release()
     assert row["correct"] is True and row["timed"] is True and row["t_fused_us"] > 0
+    # the G6 floor: an empty kernel with the fused kernel's bindings, timed the same way
+    assert row["t_empty_sig_us"] > 0 and row["t_empty_sig_b2b_us"] > 0
 
     real_emit = measure_wgpu.emit
 
@@ -99,6 +101,29 @@ def test_broken_wgsl_kernel_is_incorrect_and_not_timed(monkeypatch):
     assert row["correct"] is False and row["correct_fused"] is False and row["correct_unfused"] is True
     assert row["nmse_fused"] > 1e-3
     assert row["timed"] is False and "t_fused_us" not in row
+
+
+@requires_wgpu
+@pytest.mark.parametrize("pattern", bc.PATTERNS)
+@pytest.mark.parametrize("dtype", ["f32", "f16"])
+def test_empty_twin_keeps_the_bindings(pattern, dtype):
+    """The empty kernel of the wgpu G6 floor declares the fused kernel's bindings with the same
+    access modes, compiles in naga and does nothing."""
+    from fusec.backends import wgpu_runtime as rt
+    from fusec.bench import measure_wgpu
+    from fusec.codegen import emit
+
+    prep = bc.prepare(Case(pattern, dtype, 3, 256), default_patterns())
+    k = emit(next(t for t in prep.fused.nodes if t.op == "FUSED"), "wgsl")
+    e = measure_wgpu.empty_like(k)
+    decl = [ln for ln in k.source.splitlines() if ln.startswith("@group(0) @binding(")]
+    assert decl and all(ln in e.source.splitlines() for ln in decl)
+    assert e.grid == k.grid and e.bindings == k.bindings and e.entry == "empty_sig"
+    rt.validate(e.source, e.entry)
+    arrays = {b.name: (np.full(b.tensor.root.nelements, 7, b.dtype.np) if b.write
+                       else prep.values[b.tensor.root.name].reshape(-1)) for b in k.bindings}
+    out = rt.run_kernel(e, arrays)
+    assert out["dst"].size == 3 * 256 and np.all(out["dst"] == 7)  # ran, wrote nothing
 
 
 # -- bytes -------------------------------------------------------------------------------------------

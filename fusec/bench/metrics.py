@@ -33,7 +33,7 @@ def derive(row: dict, ceiling_gbs: float | None, empty_us: float | None = None,
     * ``small_bound_us`` / ``small_ratio``: target of small cases (empty launch + bytes at the
       ceiling) and ``t_fused / bound``, from back-to-back times when both exist, else single-launch.
       The empty launch is the row's own empty kernel with the fused kernel's signature and
-      arguments (``t_empty_sig_b2b_us`` / ``t_empty_sig_us``, cuda) when measured, else the
+      arguments or bindings (``t_empty_sig_b2b_us`` / ``t_empty_sig_us``, cuda and wgpu) when measured, else the
       backend-wide ``empty_b2b_us`` / ``empty_us``.
     """
     nb = row["bytes"]

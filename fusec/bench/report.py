@@ -75,7 +75,12 @@ METHOD = f"""\
   of the launch call (CUDA) or of recording / submitting one pass (wgpu) is measured. The small-size goal
   compares back-to-back times when present: fused ≤ 1.1 × (empty launch + bytes at the copy ceiling); on CUDA
   the empty kernel has the fused kernel's signature and is launched with its grid, block and arguments
-  (column `empty b2b µs`), so both pay the same host-side argument packing.
+  (column `empty b2b µs`), so both pay the same host-side argument packing; on wgpu it binds the fused
+  kernel's buffers with the same access modes and is dispatched with its grid, so both pay the barriers wgpu
+  puts between dispatches that write a buffer.
+* **WGSL warm-up**: before each timing, 0.4 s of flushed passes of the timed dispatches submitted without host
+  waits (a Vulkan GPU waiting for the host between submissions runs at low SM clocks); each large case times
+  the same-size copy before and after its kernels and is flagged when either is slow.
 * **Ratios** `× peer` = peer time / fused time (> 1: fused is faster). "Large" = rows ≥ {LARGE_ROWS_MIN}."""
 
 META_KEYS = [("gpu", "GPU"), ("driver", "driver"), ("cuda_driver_api", "CUDA driver API"),
