@@ -12,13 +12,18 @@ row; the template reads every weight row once with the widest aligned loads (16 
 floats), accumulates in f32, reduces per row and applies the epilogue in registers, so the only
 DRAM traffic is the weights, ``x`` (from cache after the first warp) and the output row.
 
-Two kernel bodies (:class:`Tuning`): the classic one (``common/gemv_epilogue.c.j2``, all backends:
+Three kernel bodies (:class:`Tuning`): the classic one (``common/gemv_epilogue.c.j2``, all backends:
 one row per ``tpr`` threads, ``unroll`` loads per weight issued before their FMAs, one row group per
-workgroup) and, on CUDA, the streaming one (``cuda/gemv_epilogue_stream.cu.j2``, ``stream=True``):
+workgroup); on CUDA the streaming one (``cuda/gemv_epilogue_stream.cu.j2``, ``stream=True``):
 each row slot walks several rows (a persistent grid of ``persist`` blocks per SM, rows split evenly
 over the slots) and issues the loads of its next chunk -- of the same row or of its next row --
 before the FMAs of the current chunk and before the row's reduction, so loads stay in flight with
-no ramp or tail per row; weight loads may carry a streaming cache hint (``ld``).
+no ramp or tail per row; weight loads may carry a streaming cache hint (``ld``); and on CUDA the
+x-in-registers one (``cuda/gemv_epilogue_xreg.cu.j2``, ``xrows > 0``): a block holds x in registers
+per K segment and streams ``xrows`` weight rows through it, so x is read once per block instead of
+once per weight vector (for K = 8192 the classic body moves twice the weight bytes of f32 x through
+L1). :func:`tune` picks per backend, dtype and K from H200 measurements (``bench/bench_gemv.py``).
+In every body the epilogue operands are loaded by the finishing thread before the dot product.
 
 Shapes, strides and offsets are runtime parameters; the source depends on the dtypes, the plan and
 the tuning only.
