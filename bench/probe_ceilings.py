@@ -38,7 +38,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench_gemv import graph_time_steady  # noqa: E402
+import bench_gemv  # noqa: E402
 
 READ_SRC = r"""
 extern "C" __global__ void __launch_bounds__(THREADS) probe_read(const uint4* __restrict__ p,
@@ -115,13 +115,7 @@ def measure_size(cp, timeit, kernels, sms, ceiling, mib) -> dict:
     outs = cp.zeros(sms * 16, cp.uint32)
 
     def graph_time(body):
-        st = cp.cuda.Stream(non_blocking=True)
-        st.begin_capture()
-        body(st)
-        graph = st.end_capture()
-        graph.launch()
-        cp.cuda.runtime.deviceSynchronize()
-        return timeit(lambda: graph.launch()) / reps, graph_time_steady(cp, body) / reps
+        return bench_gemv.graph_time(cp, timeit, body) / reps, bench_gemv.graph_time_steady(cp, body) / reps
 
     def launches(st, k, grid, t):
         for buf in bufs:
