@@ -175,6 +175,12 @@ def test_key_includes_version_template_hash_and_backend(cache_dir):
     d3, _ = diskcache.render_key("wgsl/unary.wgsl.j2", {"a": 1, "node_name": "other"})
     d4, _ = diskcache.render_key("wgsl/unary.wgsl.j2", {"a": 1.0, "node_name": "n1"})
     assert d1 != d2 and d1 == d3 and d1 != d4
+    # the canonical context's encoding keeps values of different types apart, and is the same for
+    # equal values however they were built (interned or not)
+    keys = {diskcache.render_key("t.j2", {"a": v})[0] for v in (1, 1.0, True, "1", None, [1], (1,), 2)}
+    assert len(keys) == 7  # [1] and (1,) are both sequences of 1 (lists and tuples canonicalize alike)
+    built = "".join(["src", "0_ne0"])
+    assert diskcache.render_key("t.j2", {"a": built}) == diskcache.render_key("t.j2", {"a": "src0_ne0"})
     assert diskcache.template_hash() in text and "fusec " in text
 
 
