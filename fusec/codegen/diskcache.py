@@ -55,7 +55,6 @@ import json
 import marshal
 import os
 import sys
-import tempfile
 import threading
 import time
 from dataclasses import dataclass, fields, is_dataclass
@@ -66,6 +65,7 @@ from .. import __version__
 from ..ir.dtypes import DType
 from ..resources import templates_dir
 from . import env
+from .jinja_bytecode import atomic_write
 from .kernel import Binding
 
 NAME_KEYS = ("node_name", "src_names")
@@ -320,22 +320,8 @@ def disk_write(digest: str, key_text: str, source: str, folder: Path | None = No
 
     Returns False (and leaves no file behind) when the folder cannot be written; a read-only or
     full cache never fails a compile."""
-    path = _path(digest, folder)
-    tmp = None
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{digest}.", suffix=".tmp", dir=path.parent)
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump({"key": key_text, "source": source}, f)
-        os.replace(tmp, path)
-        return True
-    except OSError:
-        if tmp is not None:
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass
-        return False
+    payload = json.dumps({"key": key_text, "source": source}).encode("utf-8")
+    return atomic_write(_path(digest, folder), lambda f: f.write(payload))
 
 
 # -- rendering ---------------------------------------------------------------------------------------

@@ -32,7 +32,7 @@ import tempfile
 import types
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import jinja2
 import jinja2.bccache
@@ -158,20 +158,29 @@ def load_bucket(bucket: jinja2.bccache.Bucket, data: bytes) -> None:
         bucket.reset()
 
 
-def write_bucket(bucket: jinja2.bccache.Bucket, folder: Path) -> bool:
-    """Write ``bucket`` to ``folder/<key>.cache`` atomically; ``False`` (nothing written) on an OS error."""
+def atomic_write(path: Path, write: Callable[[IO[bytes]], Any]) -> bool:
+    """Create ``path`` (and its folder) atomically: ``write`` fills a temporary file in the same
+    folder, which is then renamed into place (``os.replace``), so concurrent writers never leave a
+    partial file and readers never see one. ``False`` (and no file left behind) on an OS error: a
+    read-only or full cache never fails a compile. Shared by both caches of kernel codegen (this
+    module's bytecode and ``fusec.codegen.diskcache``'s rendered sources)."""
     tmp = None
     try:
-        folder.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".cache")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".tmp")
         with os.fdopen(fd, "wb") as f:
-            bucket.write_bytecode(f)
-        os.replace(tmp, folder / f"{bucket.key}.cache")
+            write(f)
+        os.replace(tmp, path)
         return True
     except OSError:
         if tmp is not None:
             Path(tmp).unlink(missing_ok=True)
         return False
+
+
+def write_bucket(bucket: jinja2.bccache.Bucket, folder: Path) -> bool:
+    """Write ``bucket`` to ``folder/<key>.cache`` atomically; ``False`` (nothing written) on an OS error."""
+    return atomic_write(folder / f"{bucket.key}.cache", bucket.write_bytecode)
 
 
 def precompile(templates: str | os.PathLike, out: str | os.PathLike) -> int:
