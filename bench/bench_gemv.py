@@ -123,11 +123,10 @@ def variants(node, p, kind, K, wdt, quick=False):
         out.setdefault(name, tu)
 
     def xr(tpr, xrows, unroll, ld="na"):
-        xvecs = max(1, min(8, -(-nvec // tpr)))
-        if unroll > xrows or xvecs * unroll * len(p.weights) > 16:  # loads in flight past ~64 registers
+        tu = ge.tune_xreg(vec, nvec, tpr, xrows, unroll, ld)
+        if unroll > xrows or tu.xvecs * unroll * len(p.weights) > 16:  # loads in flight past ~64 registers
             return
-        out.setdefault(f"x_t{tpr}_r{xrows}_u{unroll}_{ld or 'plain'}",
-                       ge.Tuning(vec, tpr, 1, unroll, xrows=xrows, xvecs=xvecs, ld=ld))
+        out.setdefault(f"x_t{tpr}_r{xrows}_u{unroll}_{ld or 'plain'}", tu)
 
     if quick:
         stream(32, 8, 4)

@@ -56,6 +56,7 @@ STREAM_WARPS_PER_SM = 16  # streaming body: resident warps wanted per SM (persis
 STREAM_MIN_WARPS = CUDA_SMS * 8  # streaming body: split K over more threads while fewer row warps exist
 XREG_MIN_K = 4096  # CUDA f16 weights: rows at least this long take the x-in-registers body
 XREG_THREADS, XREG_ROWS = 256, 8  # its block size and rows per block (H200 sweep, FFN down)
+XREG_MAX_XVECS = 8  # its x vectors per thread and K segment (8 x 8 floats: 64 registers)
 STREAM_UNROLL = {1: 8, 2: 4}  # streaming body: loads per weight and thread per chunk, by weight count
 
 
@@ -244,10 +245,17 @@ def tune(node: Tensor, p: GemvPlan, backend: str) -> Tuning:
         vec = _vec(node, p, backend)
         return _tune_stream(vec, -(-w.ne[0] // vec), w.ne[1], len(p.weights))
     if backend == "cuda" and _vec(node, p, backend) == 8 and w.ne[0] >= XREG_MIN_K:
-        nvec = w.ne[0] // 8
-        return Tuning(8, XREG_THREADS, 1, 1, xrows=XREG_ROWS, xvecs=max(1, min(8, -(-nvec // XREG_THREADS))),
-                      ld="na")
+        return tune_xreg(8, w.ne[0] // 8)
     return tune_classic(node, p, backend)
+
+
+def tune_xreg(vec: int, nvec: int, tpr: int = XREG_THREADS, xrows: int = XREG_ROWS, unroll: int = 1,
+              ld: str = "na") -> Tuning:
+    """The x-in-registers body's tuning (CUDA) for rows of ``nvec`` ``vec``-vectors: ``tpr`` threads,
+    ``xrows`` rows per block, ``unroll`` rows' loads together; each thread holds enough x vectors to
+    cover a row in one segment, at most ``XREG_MAX_XVECS`` (longer rows take several segments)."""
+    xvecs = max(1, min(XREG_MAX_XVECS, -(-nvec // tpr)))
+    return Tuning(vec, tpr, 1, unroll, xrows=xrows, xvecs=xvecs, ld=ld)
 
 
 def tune_classic(node: Tensor, p: GemvPlan, backend: str) -> Tuning:
@@ -389,4 +397,4 @@ def build(node: Tensor, backend: str, tuning: Tuning | None = None, sms: int = C
                   meta={"plan": p, "tuning": tu})
 
 
-__all__ = ["GemvPlan", "Step", "Tuning", "build", "emit_gemv_epilogue", "plan", "tune", "tune_classic"]
+__all__ = ["GemvPlan", "Step", "Tuning", "build", "emit_gemv_epilogue", "plan", "tune", "tune_classic", "tune_xreg"]
