@@ -335,12 +335,14 @@ class WgpuGraphRunner:
                 data = np.full(r.span_bytes // r.dtype.size, np.nan, dtype=r.dtype.np).tobytes()
             self.bufs[id(r)] = rt.storage_buffer(r.span_bytes, data)
         self.kernels = [emit(t, "wgsl") for t in graph.nodes if needs_kernel(t)]
-        self.dispatches = []
-        for k in self.kernels:
-            group = rt.bind_group(k, [self.bufs[id(b.tensor.root)] for b in k.bindings],
-                                  rt.uniform_buffer(rt.pack_params(k)))
-            self.dispatches.append((rt.pipeline(k), group, k.grid))
+        self.dispatches = [self.dispatch(k) for k in self.kernels]
         self.output = graph.outputs[0]
+
+    def dispatch(self, k: Kernel) -> tuple:
+        """``(pipeline, bind group, grid)`` of ``k`` on these buffers (its bindings' tensors' roots)."""
+        group = rt.bind_group(k, [self.bufs[id(b.tensor.root)] for b in k.bindings],
+                              rt.uniform_buffer(rt.pack_params(k)))
+        return (rt.pipeline(k), group, k.grid)
 
     def run(self) -> None:
         dev = rt.device()
@@ -451,11 +453,7 @@ class WgpuMeasurer(Measurer):
             self._extra.extend(bufs)
             fns = {"copy": disp, **fns}
         if prep.case.small and len(rf.kernels) == 1:  # the G6 floor: an empty kernel with the same bindings
-            k = rf.kernels[0]
-            ek = empty_like(k)
-            group = rt.bind_group(ek, [rf.bufs[id(b.tensor.root)] for b in k.bindings],
-                                  rt.uniform_buffer(rt.pack_params(k)))
-            fns["empty_sig"] = [(rt.pipeline(ek), group, k.grid)]
+            fns["empty_sig"] = [rf.dispatch(empty_like(rf.kernels[0]))]
         for name, disp in fns.items():
             row[f"t_{name}_us"] = timer(disp)
             if prep.case.small:
@@ -499,9 +497,7 @@ class WgpuMeasurer(Measurer):
             try:
                 k = make()
                 v.update(kernel=k.entry, grid=list(k.grid), block=k.workgroup_size[0])
-                group = rt.bind_group(k, [rf.bufs[id(b.tensor.root)] for b in k.bindings],
-                                      rt.uniform_buffer(rt.pack_params(k)))
-                disp = [(rt.pipeline(k), group, k.grid)]
+                disp = [rf.dispatch(k)]
                 enc = dev.create_command_encoder()
                 enc.clear_buffer(out, 0, out.size)
                 encode_pass(enc, disp)
