@@ -90,6 +90,14 @@ def epilogue_kernel(kind: str, M: int, dt_: str):
     return emit(b.build([y]).outputs[0], "cuda")
 
 
+def leaf_values(cp, rng, g, K: int) -> dict:
+    """Random device values of ``g``'s leaves by name: weights ~ N(0, 1/K) as in a trained layer
+    (products of order 1), other leaves ~ N(0, 1); never zeros."""
+    return {t.name: (rng.standard_normal(int(np.prod(t.ne)), dtype=cp.float32) *
+                     (1.0 / np.sqrt(K) if t.name.startswith("w") else 1.0)).astype(t.dtype.np)
+            for t in g.leaves}
+
+
 def reference(cp, kind, vals, K, M):
     """float64 result from the flat leaf arrays ``vals`` (w/wg/wu ``[M][K]``, x ``[K]``, r ``[M]``)."""
     f = {k: v.astype(cp.float64) for k, v in vals.items()}
@@ -233,10 +241,7 @@ def run_case(cp, timeit, timeit_fast, rng, ceiling, sms, name, kind, K, M, wdt, 
     wbytes = sum(node.src[i].nbytes for i in p.weights)
 
     def fresh():
-        # weights ~ N(0, 1/K) as in a trained layer (products of order 1); never zeros
-        return {t.name: (rng.standard_normal(int(np.prod(t.ne)), dtype=cp.float32) *
-                         (1.0 / np.sqrt(K) if t.name.startswith("w") else 1.0)).astype(t.dtype.np)
-                for t in g.leaves}
+        return leaf_values(cp, rng, g, K)
 
     def gbs(t):
         return wbytes / t / 1e9 if t == t else None

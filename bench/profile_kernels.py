@@ -20,8 +20,6 @@ import argparse
 import sys
 from pathlib import Path
 
-import numpy as np
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -43,8 +41,7 @@ def gemv(cp):
             tunings.append(ge.tune_classic(node, p, "cuda"))
         for tu in tunings:
             k = ge.build(node, "cuda", tu)
-            vals = {t.name: cp.random.standard_normal(int(np.prod(t.ne)), dtype=cp.float32).astype(t.dtype.np)
-                    for t in g.leaves}
+            vals = bg.leaf_values(cp, cp.random.default_rng(0), g, K)
             bufs = [vals[b.tensor.root.name] if not b.write else cp.empty(M, cp.float32) for b in k.bindings]
             for _ in range(2):
                 cr.launch(k, bufs, cr.params_value(k))
@@ -56,14 +53,15 @@ def read(cp):
     import probe_ceilings as pc
 
     nbytes = 32 << 20
+    sms = int(cp.cuda.runtime.getDeviceProperties(0)["multiProcessorCount"])
     buf = cp.ones(nbytes // 4, cp.uint32)
-    out = cp.zeros(132 * 16, cp.uint32)
+    out = cp.zeros(sms * 16, cp.uint32)
     k = cp.RawKernel(pc.READ_SRC.replace("THREADS", "256").replace("UNROLL", "4"), "probe_read")
     for b in (2, 8):
         for _ in range(2):
-            k((132 * b,), (256,), (buf, cp.uint64(nbytes // 16), out))
+            k((sms * b,), (256,), (buf, cp.uint64(nbytes // 16), out))
         cp.cuda.runtime.deviceSynchronize()
-        print("launched probe_read", 132 * b)
+        print("launched probe_read", sms * b)
 
 
 def norm(cp):
