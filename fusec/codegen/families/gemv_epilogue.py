@@ -23,7 +23,8 @@ x-in-registers one (``cuda/gemv_epilogue_xreg.cu.j2``, ``xrows > 0``): a block h
 per K segment and streams ``xrows`` weight rows through it, so x is read once per block instead of
 once per weight vector (for K = 8192 the classic body moves twice the weight bytes of f32 x through
 L1). :func:`tune` picks per backend, dtype and K from H200 measurements (``bench/bench_gemv.py``).
-In every body the epilogue operands are loaded by the finishing thread before the dot product.
+In the classic and x-in-registers bodies the epilogue operands are loaded by the finishing thread
+before the dot product (the streaming body loads them after its row's reduction).
 
 Shapes, strides and offsets are runtime parameters; the source depends on the dtypes, the plan and
 the tuning only.
