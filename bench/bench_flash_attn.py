@@ -441,7 +441,7 @@ def run_fusec(cp, timeit, c: Case, vals, ref, name: str, layout: str, skip: bool
     # does not combine the splits: its ticket counters are zeroed by the pre-pass, which does not run here
     pv = exe._param_values
     for call, kd in zip([cl for cl in exe._calls if cl[0] == "kernel"], res["kernels"], strict=True):
-        _, k, fn, bufs, ki = call
+        _, k, fn, bufs, ki, _pdl = call
         kd["us"] = timeit(lambda k=k, fn=fn, bufs=bufs, ki=ki: fn(k.grid, k.workgroup_size, bufs + (pv[ki],),
                                                                  shared_mem=k.dynamic_shared)) * 1e6
     return res

@@ -114,9 +114,12 @@ def reference(cp, kind, vals, K, M):
 FULL_SWEEP = {("swiglu", 2048, "f16"), ("add", 8192, "f16")}  # the f16 FFN cases: every variant; others: a short list
 
 
-def variants(node, p, kind, K, wdt, quick=False):
+def variants(node, p, kind, K, wdt, quick=False, xreg_only=False):
     """``{name: Tuning}``, ``default`` first; names unique, tunings deduplicated (a variant equal to the
-    default is not timed twice)."""
+    default is not timed twice). ``xreg_only``: the FFN cases sweep only the x-in-registers body
+    (consecutive and spread rows: ``..._s``; L2 prefetch of the block's rows before the PDL wait:
+    ``..._pf``), each also launched without programmatic dependent launch (``..._nopdl``). A value is
+    a Tuning or ``(Tuning, False)``: launched without PDL."""
     base = ge.tune(node, p, "cuda")
     vec = base.vec
     nvec = node.src[p.weights[0]].ne[0] // vec
@@ -130,16 +133,27 @@ def variants(node, p, kind, K, wdt, quick=False):
         name = f"s_t{tpr}_u{unroll}_p{persist}_{ld or 'plain'}"
         out.setdefault(name, tu)
 
-    def xr(tpr, xrows, unroll, ld="na"):
-        tu = ge.tune_xreg(vec, nvec, tpr, xrows, unroll, ld)
+    def xr(tpr, xrows, unroll, ld="na", spread=False, pf=False, nopdl=False):
+        tu = ge.tune_xreg(vec, nvec, tpr, xrows, unroll, ld, spread, pf)
         if unroll > xrows or tu.xvecs * unroll * len(p.weights) > 16:  # loads in flight past ~64 registers
             return
-        out.setdefault(f"x_t{tpr}_r{xrows}_u{unroll}_{ld or 'plain'}", tu)
+        name = f"x_t{tpr}_r{xrows}_u{unroll}_{ld or 'plain'}" + ("_s" if spread else "") + ("_pf" if pf else "")
+        out.setdefault(name, tu)
+        if nopdl:
+            out.setdefault(name + "_nopdl", (tu, False))
 
     if quick:
         stream(32, 8, 4)
         stream(128, 4, 4)
         xr(256, 8, 2)
+    elif (kind, K, wdt) in FULL_SWEEP and xreg_only:
+        if base.xrows:
+            out["default_nopdl"] = (base, False)
+        for tpr in (128, 256, 512):
+            for xrows in (2, 4, 8):
+                for unroll in (1, 2):
+                    for pf in (False, True):
+                        xr(tpr, xrows, unroll, pf=pf, nopdl=True)
     elif (kind, K, wdt) in FULL_SWEEP:
         for tpr, rows, unroll in ((32, 4, 8), (128, 1, 8), (256, 1, 4)):
             out.setdefault(f"classic_t{tpr}_u{unroll}", ge.Tuning(vec, tpr, rows, unroll))
@@ -171,10 +185,11 @@ def variants(node, p, kind, K, wdt, quick=False):
         for tpr, xrows in ((256, 8), (128, 8), (256, 4), (64, 8)):
             xr(tpr, xrows, 2)
     seen, uniq = set(), {}
-    for name, tu in out.items():
-        if tu not in seen:
-            seen.add(tu)
-            uniq[name] = tu
+    for name, v in out.items():
+        key = v if isinstance(v, tuple) else (v, None)
+        if key not in seen:
+            seen.add(key)
+            uniq[name] = v
     return uniq
 
 
@@ -230,7 +245,7 @@ def copy_ceiling(cp, timeit) -> float:
     return 2 * 2 * n / t / 1e9
 
 
-def run_case(cp, timeit, timeit_fast, rng, ceiling, sms, name, kind, K, M, wdt, quick):
+def run_case(cp, timeit, timeit_fast, rng, ceiling, sms, name, kind, K, M, wdt, quick, xreg_only=False):
     """Check every variant of one case, then time it single-launch and back-to-back; the default's
     repeat and the cuBLAS baseline."""
     g = build_graph(kind, K, M, wdt)
@@ -249,18 +264,19 @@ def run_case(cp, timeit, timeit_fast, rng, ceiling, sms, name, kind, K, M, wdt, 
     def pct(t):
         return 100 * wbytes / t / 1e9 / ceiling if t == t else None
 
-    vs = variants(node, p, kind, K, wdt, quick)
+    vs = variants(node, p, kind, K, wdt, quick, xreg_only)
     # back-to-back: R launches over R weight copies (>= 256 MB in all, so no copy stays in L2),
     # captured in a CUDA graph (no CPU launch gaps): the steady state of a decode step
     R = max(2, min(32, -(-(256 << 20) // wbytes)))
     sets = [fresh() for _ in range(R)]
     timings = {}
-    for vname, tu in vs.items():
+    for vname, v in vs.items():
+        tu, pdl = v if isinstance(v, tuple) else (v, None)
         k = ge.build(node, "cuda", tu, sms=sms)
         vals = fresh()
         bufs = [vals[b.tensor.root.name] if not b.write else cp.full(M, cp.nan, cp.float32) for b in k.bindings]
         prm = cr.params_value(k)
-        cr.launch(k, bufs, prm)
+        cr.launch(k, bufs, prm, pdl=pdl)
         cp.cuda.runtime.deviceSynchronize()
         ref = reference(cp, kind, vals, K, M)
         out = bufs[-1].astype(cp.float64)
@@ -269,17 +285,23 @@ def run_case(cp, timeit, timeit_fast, rng, ceiling, sms, name, kind, K, M, wdt, 
         t = t_b2b = t_steady = float("nan")
         if ok:
             tf = timeit if vname == "default" else timeit_fast
-            t = tf(lambda k=k, bufs=bufs, prm=prm: cr.launch(k, bufs, prm))
+            t = tf(lambda k=k, bufs=bufs, prm=prm, pdl=pdl: cr.launch(k, bufs, prm, pdl=pdl))
             seq_bufs = [[v[b.tensor.root.name] if not b.write else cp.full(M, cp.nan, cp.float32)
                          for b in k.bindings] for v in sets]
-            def seq(st, k=k, sb=seq_bufs, prm=prm):
+            def seq(st, k=k, sb=seq_bufs, prm=prm, pdl=pdl):
                 for bb in sb:
-                    cr.launch(k, bb, prm, stream=st)
+                    cr.launch(k, bb, prm, stream=st, pdl=pdl)
 
             t_b2b = graph_time(cp, tf, seq) / R
             t_steady = graph_time_steady(cp, seq) / R
+            # the replays' outputs: every copy's result checked too (a PDL race would show here)
+            for bb, vv in zip(seq_bufs, sets, strict=True):
+                r2 = reference(cp, kind, vv, K, M)
+                rel = max(rel, float(cp.linalg.norm(bb[-1].astype(cp.float64) - r2) / cp.linalg.norm(r2)))
+            ok = rel <= REL_BOUND
             del seq_bufs
-        timings[vname] = {"entry": k.entry, "tuning": vars(tu), "grid": list(k.grid),
+        timings[vname] = {"entry": k.entry, "tuning": vars(tu), "pdl": cr.uses_pdl(k) if pdl is None else pdl,
+                          "grid": list(k.grid),
                           "block": k.workgroup_size[0], "rel_err": rel, "ok": ok,
                           "s": t, "gbs": gbs(t), "pct_copy": pct(t),
                           "b2b_s": t_b2b, "b2b_gbs": gbs(t_b2b), "b2b_pct_copy": pct(t_b2b),
@@ -289,7 +311,7 @@ def run_case(cp, timeit, timeit_fast, rng, ceiling, sms, name, kind, K, M, wdt, 
               f"{t_b2b * 1e6:7.2f} us {pct(t_b2b) or float('nan'):5.1f}% | steady {t_steady * 1e6:7.2f} us "
               f"{pct(t_steady) or float('nan'):5.1f}%", flush=True)
     # same version timed twice: the spread
-    k = ge.build(node, "cuda", vs["default"], sms=sms)
+    k = ge.build(node, "cuda", vs["default"] if not isinstance(vs["default"], tuple) else vs["default"][0], sms=sms)
     vals = fresh()
     bufs = [vals[b.tensor.root.name] if not b.write else cp.full(M, cp.nan, cp.float32) for b in k.bindings]
     prm = cr.params_value(k)
@@ -371,6 +393,8 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="bench_gemv.json")
     ap.add_argument("--quick", action="store_true", help="default, classic and two alternatives per case")
+    ap.add_argument("--xreg-sweep", action="store_true",
+                    help="the FFN cases sweep only the x-in-registers body (consecutive / spread rows)")
     args = ap.parse_args()
     import cupy as cp
     from triton.testing import do_bench
@@ -390,10 +414,10 @@ def main() -> int:
     meta = {"date": dt.date.today().isoformat(), "host": platform.node(), "gpu": gpu, "sms": sms,
             "copy_ceiling_gbs": ceiling,
             "timing": "triton.testing.do_bench median, L2 flushed (steady: events around 20 graph replays, no flush)",
-            "gbs_on": "weight bytes", "rel_bound": REL_BOUND, "quick": args.quick}
+            "gbs_on": "weight bytes", "rel_bound": REL_BOUND, "quick": args.quick, "xreg_sweep": args.xreg_sweep}
     results = []
     for case in CASES:  # the JSON is rewritten after each case: a timeout keeps the finished ones
-        results.append(run_case(cp, timeit, timeit_fast, rng, ceiling, sms, *case, args.quick))
+        results.append(run_case(cp, timeit, timeit_fast, rng, ceiling, sms, *case, args.quick, args.xreg_sweep))
         meta["wall_s"] = time.perf_counter() - t0
         meta["complete"] = len(results) == len(CASES)
         Path(args.out).write_text(json.dumps({"meta": meta, "results": results}, indent=1))

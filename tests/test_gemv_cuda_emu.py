@@ -81,10 +81,10 @@ def test_classic_body_matches_interpreter(kind, K, M, wdt):
     assert not k.meta["tuning"].stream
 
 
-def xreg(tpr, xrows, xvecs, unroll, ld=""):
+def xreg(tpr, xrows, xvecs, unroll, ld="", spread=False):
     """The x-in-registers body with tune()'s vector width."""
     def f(base):
-        return ge.Tuning(base.vec, tpr, 1, unroll, xrows=xrows, xvecs=xvecs, ld=ld)
+        return ge.Tuning(base.vec, tpr, 1, unroll, xrows=xrows, xvecs=xvecs, ld=ld, xspread=spread)
     return f
 
 
@@ -97,6 +97,11 @@ def xreg(tpr, xrows, xvecs, unroll, ld=""):
     ("geglu", 260, 9, "f32", xreg(32, 2, 1, 2), {}),                       # vec 4
     ("add", 7, 5, "f16", xreg(32, 4, 1, 3), {}),                            # vec 1, unroll not dividing xrows
     ("add", 136, 13, "f16", xreg(128, 16, 1, 2, "na"), {"w_pad": 8}),       # row stride K + 8, idle threads
+    # rows spread over the grid (block b: rows b, b + nb, ...): M not a multiple of xrows, the
+    # epilogue operand broadcast (row % 4), several segments, two weights
+    ("add", 1024, 36, "f16", xreg(64, 8, 2, 2, "na", True), {"bdt": "f16", "b_ne": (4,)}),
+    ("swiglu", 2056, 11, "f16", xreg(64, 4, 2, 1, "", True), {}),
+    ("add", 7, 3, "f32", xreg(32, 4, 1, 3, "", True), {}),                  # fewer rows than xrows
 ])
 def test_x_in_registers_body_matches_interpreter(kind, K, M, wdt, tuning, kw):
     k = run_emu(kind, K, M, wdt, tuning, **kw)

@@ -268,7 +268,10 @@ def test_persistent_grid_splits_rows_evenly():
     (ge.Tuning(8, 256, 1, 2, xrows=8, xvecs=4), "wgsl", "CUDA only"),
     (ge.Tuning(8, 32, 2, 2, xrows=8, xvecs=4), "cuda", "needs stream=False, rows=1"),
     (ge.Tuning(8, 256, 1, 9, xrows=8, xvecs=4), "cuda", "unroll <= xrows"),
-    (ge.Tuning(8, 256, 1, 2, xvecs=4), "cuda", "xvecs needs xrows"),
+    (ge.Tuning(8, 256, 1, 2, xvecs=4), "cuda", "xvecs, xspread and xpf need xrows"),
+    (ge.Tuning(8, 256, 1, 2, xspread=True), "cuda", "xvecs, xspread and xpf need xrows"),
+    (ge.Tuning(8, 256, 1, 2, xpf=True), "cuda", "xvecs, xspread and xpf need xrows"),
+    (ge.Tuning(4, 256, 1, 1, xrows=4, xvecs=2, xpf=True), "cuda", "needs 16-byte weight vectors"),
     (ge.Tuning(4, 32, 4, 4, False, 4, ""), "cuda", "need the streaming body"),
     (ge.Tuning(8, 32, 4, 4, True, 4, "xx"), "cuda", "ld must be one of"),
     (ge.Tuning(8, 16, 8, 4, True, 4, ""), "cuda", "streaming body needs 32 <= tpr"),
@@ -304,18 +307,20 @@ def all_variants(backend):
                     tunings = [base, ge.tune_classic(node, p, backend), ge.Tuning(base.vec, 32, 4, 2),
                                ge.Tuning(base.vec, 128, 1, 8)]
                     if backend == "cuda":
-                        tunings += stream_tunings(base.vec)
+                        tunings += stream_tunings(base.vec, 2 if wdt == "f16" else 4)
                     for tu in tunings:
                         k = ge.build(node, backend, tu)
                         out[k.source] = k
     return list(out.values())
 
 
-def stream_tunings(vec):
+def stream_tunings(vec, wsize=2):
     """Streaming-body tunings (CUDA) besides tune()'s (persistent, ``na``, tpr 32 or split K): not
     persistent with ``cs``, split over 256 threads with plain loads; and x-in-registers tunings."""
     return [ge.Tuning(vec, 32, 4, 8, True, 0, "cs"), ge.Tuning(vec, 256, 1, 8, True, 2, ""),
-            ge.Tuning(vec, 256, 1, 2, xrows=8, xvecs=4, ld="na"), ge.Tuning(vec, 128, 1, 4, xrows=16, xvecs=2)]
+            ge.Tuning(vec, 256, 1, 2, xrows=8, xvecs=4, ld="na"), ge.Tuning(vec, 128, 1, 4, xrows=16, xvecs=2),
+            ge.Tuning(vec, 256, 1, 1, xrows=8, xvecs=4, ld="na", xspread=True)] + (
+        [ge.Tuning(vec, 256, 1, 1, xrows=4, xvecs=4, ld="na", xpf=True)] if vec * wsize == 16 else [])
 
 
 def test_every_variant_compiles_with_nvcc():
@@ -331,3 +336,45 @@ def test_every_variant_passes_the_msl_shim():
 @requires_wgpu
 def test_every_variant_compiles_in_naga():
     check_wgsl(all_variants("wgsl"))
+
+
+# -- programmatic dependent launch (CUDA) --------------------------------------------------------------------
+
+def _gemv_chain(n: int, K: int):
+    """``n`` GEMV + residual ADD nodes in a row, each reading the previous one's result as x (f16
+    weights, K >= 4096: the x-in-registers body, launched with PDL on sm_90+)."""
+    b = GraphBuilder()
+    h = b.input("x", "f32", (K, 1))
+    for i in range(n):
+        h = b.add(b.mul_mat(b.weight(f"w{i}", "f16", (K, K)), h, name=f"m{i}"), b.weight(f"r{i}", "f32", (K,)),
+                  name=f"y{i}")
+    return b.build([h])
+
+
+@requires_cuda
+def test_pdl_chain_of_gemvs_reads_each_previous_result():
+    """Each GEMV waits (griddepcontrol.wait) for the kernel before it, whose output is its x: a kernel
+    reading x early would use the previous step's (NaN-poisoned or stale) values. Eager launches and the
+    captured CUDA graph's replays (programmatic edges) both equal the interpreter."""
+    from fusec.backends import cuda_runtime as rt
+    from fusec.backends.cuda_backend import CudaBackend
+
+    K, n = 4096, 6
+    g = _gemv_chain(n, K)
+    rng = np.random.default_rng(3)
+    vals = {t.name: (rng.standard_normal(t.ne[::-1]) * (1.0 / np.sqrt(K) if t.name.startswith("w") else 0.1))
+            .astype(t.dtype.np) for t in g.leaves}
+    fused, _ = rewrite(g, default_patterns())
+    be = CudaBackend(use_graphs=True)
+    be.set_weights({k: v for k, v in vals.items() if k != "x"})
+    exe = be.compile(fused)
+    gemvs = [k for k in exe.kernels if k.family == "gemv_epilogue"]
+    assert len(gemvs) == n and all(k.meta["pdl"] and k.meta["tuning"].xrows for k in gemvs)
+    ref = interpret(g, vals)[g.outputs[0].name].reshape(-1)
+    state: dict = {}
+    for step in range(4):  # eager + capture, then replays
+        x = (vals["x"] * (1.0 + step)).astype(np.float32)
+        ref = interpret(g, {**vals, "x": x})[g.outputs[0].name].reshape(-1)
+        out = exe.run({"x": x}, backend_state=state)[g.outputs[0].name].reshape(-1)
+        assert nmse(out, ref) <= BOUND, (step, exe.last_timing["mode"], rt.pdl_supported())
+    assert exe.last_timing["mode"] == "replay"

@@ -324,7 +324,8 @@ class CudaExecutable(Executable):
                 a, b = node.src
                 calls.append(("mul_mat", node, self._memory(a.root), self._memory(b.root), self._memory(node.root)))
             else:
-                calls.append(("kernel", obj, rt.module(obj), tuple(self._memory(r) for r in roots), ki))
+                calls.append(("kernel", obj, rt.module(obj), tuple(self._memory(r) for r in roots), ki,
+                              rt.uses_pdl(obj)))
                 ki += 1
         self._calls = calls
         self._bound_gen = self.backend._generation
@@ -354,8 +355,11 @@ class CudaExecutable(Executable):
         pv = self._param_values
         for call in self._calls:
             if call[0] == "kernel":
-                _, k, fn, bufs, ki = call
-                fn(k.grid, k.workgroup_size, bufs + (pv[ki],), shared_mem=k.dynamic_shared)
+                _, k, fn, bufs, ki, pdl = call
+                if pdl:  # programmatic dependent launch (cuda_runtime): may overlap the previous kernel's tail
+                    rt.launch_pdl(fn, k.grid, k.workgroup_size, bufs + (pv[ki],), k.dynamic_shared)
+                else:
+                    fn(k.grid, k.workgroup_size, bufs + (pv[ki],), shared_mem=k.dynamic_shared)
             else:
                 _, node, a_buf, b_buf, d_buf = call
                 a, b = node.src

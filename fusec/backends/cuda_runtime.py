@@ -9,11 +9,20 @@ On the host the struct is a numpy structured scalar (:func:`params_value`), whic
 the launch's argument buffer.
 CuPy is optional (``pip install 'fusec[cuda]'``); every entry point except :func:`available`
 raises :class:`~fusec.errors.BackendError` without it.
+
+Programmatic dependent launch (PDL, sm_90+): a kernel whose ``meta["pdl"]`` is true (its source calls
+``griddepcontrol.launch_dependents`` and ``griddepcontrol.wait`` before touching anything another
+kernel writes) is launched through the driver's ``cuLaunchKernelEx`` with
+``CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION``, so it may start while the previous kernel of
+the stream drains (under stream capture this becomes a programmatic edge of the CUDA graph).
+``FUSEC_CUDA_PDL=0`` turns it off; devices below compute capability 9.0 never use it.
 """
 
 from __future__ import annotations
 
+import ctypes
 import functools
+import os
 import struct
 from collections.abc import Mapping, Sequence
 
@@ -102,20 +111,90 @@ def params_array(k: Kernel):
     return cp.asarray(np.frombuffer(pack_params(k), dtype=np.uint8))
 
 
-def launch(k: Kernel, buffers: Sequence, params=None, stream=None) -> None:
+class _LaunchAttribute(ctypes.Structure):  # CUlaunchAttribute: id, padding, a 64-byte value union
+    _fields_ = [("id", ctypes.c_int), ("pad", ctypes.c_ubyte * 4), ("value", ctypes.c_ubyte * 64)]
+
+
+class _LaunchConfig(ctypes.Structure):  # CUlaunchConfig
+    _fields_ = [("gridDimX", ctypes.c_uint), ("gridDimY", ctypes.c_uint), ("gridDimZ", ctypes.c_uint),
+                ("blockDimX", ctypes.c_uint), ("blockDimY", ctypes.c_uint), ("blockDimZ", ctypes.c_uint),
+                ("sharedMemBytes", ctypes.c_uint), ("hStream", ctypes.c_void_p),
+                ("attrs", ctypes.POINTER(_LaunchAttribute)), ("numAttrs", ctypes.c_uint)]
+
+
+_PROGRAMMATIC_STREAM_SERIALIZATION = 6  # CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION
+
+
+@functools.cache
+def _launch_kernel_ex():
+    """The driver's ``cuLaunchKernelEx`` (ctypes), or None where the driver library lacks it."""
+    try:
+        fn = ctypes.CDLL("libcuda.so.1").cuLaunchKernelEx
+    except (OSError, AttributeError):
+        return None
+    fn.restype = ctypes.c_int
+    fn.argtypes = [ctypes.POINTER(_LaunchConfig), ctypes.c_void_p, ctypes.POINTER(ctypes.c_void_p), ctypes.c_void_p]
+    return fn
+
+
+@functools.cache
+def pdl_supported() -> bool:
+    """True when programmatic dependent launches are used: ``FUSEC_CUDA_PDL`` is not ``0``, the current
+    device has compute capability >= 9.0 and the driver exports ``cuLaunchKernelEx``."""
+    if os.environ.get("FUSEC_CUDA_PDL", "1") == "0" or not available():
+        return False
+    cp = _cupy()
+    return int(cp.cuda.Device().compute_capability) >= 90 and _launch_kernel_ex() is not None
+
+
+def uses_pdl(k: Kernel) -> bool:
+    """Whether :func:`launch` (and the CUDA backend) launch ``k`` with programmatic stream serialization."""
+    return bool(k.meta.get("pdl")) and pdl_supported()
+
+
+def launch_pdl(fn, grid, block, args: Sequence, shared_mem: int = 0, stream=None) -> None:
+    """Launch the compiled kernel ``fn`` (a ``cupy.RawKernel``) with programmatic stream serialization on
+    ``stream`` (a ``cupy.cuda.Stream``; default the current one). ``args``: device arrays (passed as
+    their pointers) and numpy scalars / structured scalars (passed by value). Raises
+    :class:`BackendError` when the driver refuses the launch."""
+    cp = _cupy()
+    stream = stream or cp.cuda.get_current_stream()
+    holders = []
+    for a in args:
+        if isinstance(a, np.generic):
+            holders.append(ctypes.create_string_buffer(a.tobytes(), max(1, a.nbytes)))
+        else:
+            holders.append(ctypes.c_uint64(a.data.ptr))
+    ptrs = (ctypes.c_void_p * len(holders))(*[ctypes.cast(ctypes.pointer(h), ctypes.c_void_p) for h in holders])
+    attr = _LaunchAttribute(id=_PROGRAMMATIC_STREAM_SERIALIZATION)
+    attr.value[0] = 1  # programmaticStreamSerializationAllowed (an int at the union's start)
+    cfg = _LaunchConfig(*grid, *block, int(shared_mem), ctypes.c_void_p(stream.ptr), ctypes.pointer(attr), 1)
+    fptr = getattr(fn, "kernel", fn).ptr
+    rc = _launch_kernel_ex()(ctypes.byref(cfg), ctypes.c_void_p(fptr), ptrs, None)
+    if rc != 0:
+        raise BackendError(f"cuLaunchKernelEx (programmatic dependent launch) failed: CUresult {rc}")
+
+
+def launch(k: Kernel, buffers: Sequence, params=None, stream=None, *, pdl: bool | None = None) -> None:
     """Launch ``k`` with ``k.grid`` blocks of ``k.workgroup_size`` threads.
 
     ``buffers`` are device arrays in ``k.bindings`` order (each the root memory of its tensor);
     ``params`` is :func:`params_value`'s result (computed when omitted; precompute it for repeated
-    launches). Raises :class:`BackendError` on a count mismatch.
+    launches). ``pdl``: programmatic dependent launch (default :func:`uses_pdl`; ``True`` for a kernel
+    without ``meta["pdl"]`` is refused). Raises :class:`BackendError` on a count mismatch.
     """
     if len(buffers) != len(k.bindings):
         raise BackendError(f"kernel {k.entry}: {len(k.bindings)} bindings, got {len(buffers)} buffers")
+    if pdl and not k.meta.get("pdl"):
+        raise BackendError(f"kernel {k.entry} does not wait for the previous kernel (no meta['pdl']): "
+                           "a programmatic dependent launch of it would race")
     fn = module(k)
     if params is None:
         params = params_array(k)
     args = tuple(buffers) + (params,)
-    if stream is not None:
+    if uses_pdl(k) if pdl is None else pdl:
+        launch_pdl(fn, k.grid, k.workgroup_size, args, k.dynamic_shared, stream)
+    elif stream is not None:
         with stream:
             fn(k.grid, k.workgroup_size, args, shared_mem=k.dynamic_shared)
     else:
@@ -142,4 +221,5 @@ def run_kernel(k: Kernel, arrays: Mapping[str, np.ndarray]) -> dict[str, np.ndar
     return {b.name: cp.asnumpy(buf) for b, buf in zip(k.bindings, bufs, strict=True) if b.write}
 
 
-__all__ = ["available", "launch", "module", "pack_params", "params_array", "params_value", "run_kernel"]
+__all__ = ["available", "launch", "launch_pdl", "module", "pack_params", "params_array", "params_value",
+           "pdl_supported", "run_kernel", "uses_pdl"]

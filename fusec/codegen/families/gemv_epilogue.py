@@ -119,7 +119,12 @@ class Tuning:
     CUDA only: ``xrows`` > 0 selects the x-in-registers body (``cuda/gemv_epilogue_xreg.cu.j2``):
     a block of ``tpr`` threads (``rows`` = 1) computes ``xrows`` consecutive rows; each thread holds
     ``xvecs`` vectors of x in registers per K segment and streams the block's weight rows through
-    them, ``unroll`` rows' loads issued together (``ld`` is its load hint too)."""
+    them, ``unroll`` rows' loads issued together (``ld`` is its load hint too); ``xspread``: block
+    ``b`` of ``nb`` takes rows ``b, b + nb, b + 2 nb, ...`` instead of ``xrows`` consecutive ones (the
+    grid streams one contiguous region of the weights at a time); ``xpf``: before waiting for the
+    previous kernel (programmatic dependent launch), each block asks the L2 for its rows' weights
+    (``cp.async.bulk.prefetch.L2``; 16-byte weight vectors only). Kernels of this body carry
+    ``meta["pdl"]``: the CUDA runtime launches them with programmatic stream serialization."""
 
     vec: int
     tpr: int
@@ -130,6 +135,8 @@ class Tuning:
     ld: str = ""
     xrows: int = 0
     xvecs: int = 0
+    xspread: bool = False
+    xpf: bool = False
 
     @property
     def workgroup(self) -> int:
@@ -251,12 +258,12 @@ def tune(node: Tensor, p: GemvPlan, backend: str) -> Tuning:
 
 
 def tune_xreg(vec: int, nvec: int, tpr: int = XREG_THREADS, xrows: int = XREG_ROWS, unroll: int = 1,
-              ld: str = "na") -> Tuning:
+              ld: str = "na", spread: bool = False, pf: bool = False) -> Tuning:
     """The x-in-registers body's tuning (CUDA) for rows of ``nvec`` ``vec``-vectors: ``tpr`` threads,
     ``xrows`` rows per block, ``unroll`` rows' loads together; each thread holds enough x vectors to
     cover a row in one segment, at most ``XREG_MAX_XVECS`` (longer rows take several segments)."""
     xvecs = max(1, min(XREG_MAX_XVECS, -(-nvec // tpr)))
-    return Tuning(vec, tpr, 1, unroll, xrows=xrows, xvecs=xvecs, ld=ld)
+    return Tuning(vec, tpr, 1, unroll, xrows=xrows, xvecs=xvecs, ld=ld, xspread=spread, xpf=pf)
 
 
 def tune_classic(node: Tensor, p: GemvPlan, backend: str) -> Tuning:
@@ -314,7 +321,8 @@ def _entry(p: GemvPlan, node: Tensor, tu: Tuning) -> str:
     if tu.stream:
         name += "_s" + (f"_p{tu.persist}" if tu.persist else "") + (f"_{tu.ld}" if tu.ld else "")
     if tu.xrows:
-        name += f"_x{tu.xrows}v{tu.xvecs}" + (f"_{tu.ld}" if tu.ld else "")
+        name += f"_x{tu.xrows}v{tu.xvecs}" + ("s" if tu.xspread else "") + ("p" if tu.xpf else "")
+        name += f"_{tu.ld}" if tu.ld else ""
     return name
 
 
@@ -334,7 +342,7 @@ def emit_gemv_epilogue(node: Tensor, backend: str) -> Kernel:
     return build(node, backend)
 
 
-def _check_tuning(node: Tensor, tu: Tuning, backend: str) -> None:
+def _check_tuning(node: Tensor, tu: Tuning, backend: str, wsize: int) -> None:
     def bad(msg: str) -> CodegenError:
         return CodegenError(f"node {node.name!r}: gemv_epilogue tuning {tu}: {msg}")
 
@@ -353,8 +361,10 @@ def _check_tuning(node: Tensor, tu: Tuning, backend: str) -> None:
             raise bad("the x-in-registers body needs stream=False, rows=1, xvecs >= 1, 1 <= unroll <= xrows")
         if not SIMD <= tu.tpr <= 1024:
             raise bad(f"the x-in-registers body needs {SIMD} <= tpr <= 1024")
-    elif tu.xvecs:
-        raise bad("xvecs needs xrows > 0")
+        if tu.xpf and tu.vec * wsize != 16:
+            raise bad("xpf (L2 prefetch of whole rows) needs 16-byte weight vectors")
+    elif tu.xvecs or tu.xspread or tu.xpf:
+        raise bad("xvecs, xspread and xpf need xrows > 0")
     if tu.stream and backend != "cuda":
         raise bad(f"the streaming body is CUDA only, not {backend}")
     if tu.stream and (tu.tpr < SIMD or tu.tpr > MAX_TPR[backend]):
@@ -371,7 +381,7 @@ def build(node: Tensor, backend: str, tuning: Tuning | None = None, sms: int = C
     CUDA, ``persist``/``ld`` without ``stream``, an unknown ``ld``)."""
     p = plan(node)
     tu = tuning or tune(node, p, backend)
-    _check_tuning(node, tu, backend)
+    _check_tuning(node, tu, backend, node.src[p.weights[0]].dtype.size)
     M = node.src[p.weights[0]].ne[1]
     types = TYPE_NAMES[backend]
     bindings = [Binding(f"src{i}", node.src[i], node.src[i].dtype) for i in p.inputs]
@@ -392,10 +402,10 @@ def build(node: Tensor, backend: str, tuning: Tuning | None = None, sms: int = C
         steps=[{"sym": s.symbol, "src": f"src{s.operand}"} for s in p.steps],
         bindings=bindings, types={b.name: types[b.dtype] for b in bindings}, params=params,
         V=tu.vec, TPR=tu.tpr, R=tu.rows, UNROLL=tu.unroll, SIMD=SIMD,
-        STREAM=tu.stream, PERSIST=tu.persist, LD=tu.ld, XROWS=tu.xrows, XVECS=tu.xvecs,
+        STREAM=tu.stream, PERSIST=tu.persist, LD=tu.ld, XROWS=tu.xrows, XVECS=tu.xvecs, XSPREAD=tu.xspread, XPF=tu.xpf,
     )
     return Kernel(backend, "gemv_epilogue", entry, source, bindings, params, (tu.workgroup, 1, 1), grid, node,
-                  meta={"plan": p, "tuning": tu})
+                  meta={"plan": p, "tuning": tu, "pdl": bool(tu.xrows)})
 
 
 __all__ = ["GemvPlan", "Step", "Tuning", "build", "emit_gemv_epilogue", "plan", "tune", "tune_classic", "tune_xreg"]
