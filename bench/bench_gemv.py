@@ -152,8 +152,8 @@ def variants(node, p, kind, K, wdt, quick=False, xreg_only=False):
         for tpr in (128, 256, 512):
             for xrows in (2, 4, 8):
                 for unroll in (1, 2):
-                    for pf in (False, True):
-                        xr(tpr, xrows, unroll, pf=pf, nopdl=True)
+                    xr(tpr, xrows, unroll, nopdl=tpr >= 256)
+        xr(256, 8, 1, pf=True, nopdl=True)  # the L2 bulk prefetch (2026-11-21 gemv-v8: slower everywhere)
     elif (kind, K, wdt) in FULL_SWEEP:
         for tpr, rows, unroll in ((32, 4, 8), (128, 1, 8), (256, 1, 4)):
             out.setdefault(f"classic_t{tpr}_u{unroll}", ge.Tuning(vec, tpr, rows, unroll))
