@@ -21,7 +21,12 @@ tuning, ``tune_classic``: the default before the streaming body), classic with a
 FMAs, streaming-body tunings (``s_t<tpr>_u<unroll>_p<blocks per SM>_<load hint>``) over threads
 per row, loads per chunk, persistent grid size and load hint, and x-in-registers tunings
 (``x_t<threads>_r<rows per block>_u<rows loaded together>_<load hint>``) -- the full sweep for the
-two FFN cases, a short list for the others. Each variant is checked, then timed single-launch and b2b.
+two FFN cases, a short list for the others (``--xreg-sweep``: the FFN cases sweep the x-in-registers
+body only, each tuning also launched without programmatic dependent launch, ``..._nopdl``, and
+one with the L2 bulk prefetch, ``..._pf``). x-in-registers kernels are launched as the CUDA
+backend launches them: with PDL (``cuda_runtime.uses_pdl``), so in the b2b / steady graphs each
+launch may start while the previous one drains. Each variant is checked (first launch, and every
+copy's output after the timed replays), then timed single-launch and b2b.
 Per case the result reports the default and, separately, the best variant in each mode
 (``best_b2b_variant`` / ``best_b2b_tuning``: what ``tune()`` should pick), so tune() can be updated
 from one run.
@@ -32,7 +37,7 @@ bytes a GEMV cannot avoid); ``% copy`` = GB/s over the copy ceiling. Persistent 
 the device's SM count. About 100-150 s on an H200 (``--quick``: default, classic and two
 alternatives per case, about 30 s).
 
-Usage: python bench/bench_gemv.py [--out results.json] [--quick]
+Usage: python bench/bench_gemv.py [--out results.json] [--quick | --xreg-sweep]
 """
 
 from __future__ import annotations

@@ -48,7 +48,7 @@ def run_emu(kind, K, M, wdt, tuning=None, sms=1, seed=0, **kw):
 def streamed(**fields):
     """A tuning built from tune()'s vector width with ``fields`` replaced."""
     def f(base):
-        d = {**vars(base), "stream": True, **fields}
+        d = {**vars(base), "stream": True, "xrows": 0, "xvecs": 0, **fields}
         return ge.Tuning(**d)
     return f
 

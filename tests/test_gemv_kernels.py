@@ -237,22 +237,29 @@ def llama_node(kind, K, M, wdt="f16"):
 
 
 def test_cuda_tuning_for_the_llama_decode_shapes():
-    """tune() on CUDA: f16 weights keep the classic body (faster on the H200 back to back) except rows
-    of K >= 4096 (the x-in-registers body), f32 weights
-    take the streaming body on a persistent grid (one warp per row; the grid gives every row slot the
-    same number of rows); WGSL / MSL the classic body."""
+    """tune() on CUDA: 16-byte weight vectors and rows of K >= 2048 take the x-in-registers body
+    (launched with PDL) with a tuning derived from K (tune_xreg_for); shorter rows keep the classic body
+    (f16) or the streaming body on a persistent grid (f32); WGSL / MSL the classic body."""
     def tuned(kind, K, M, wdt="f16"):
         node = llama_node(kind, K, M, wdt)
         k = ge.build(node, "cuda")
-        return k.meta["tuning"], k.grid, k.workgroup_size
+        return k.meta["tuning"], k.grid, k.workgroup_size, k.meta["pdl"]
 
-    for shape in (("swiglu", 2048, 8192), ("add", 2048, 2048), ("add", 2048, 512)):
-        tu = tuned(*shape)[0]
-        assert not tu.stream and tu == ge.tune_classic(llama_node(*shape), ge.plan(llama_node(*shape)), "cuda")
-    # long rows (FFN down, K = 8192): x in registers, 8 rows per 256-thread block, 4 x vectors per thread
-    assert tuned("add", 8192, 2048) == (ge.Tuning(8, 256, 1, 1, xrows=8, xvecs=4, ld="na"), (256, 1, 1), (256, 1, 1))
-    assert tuned("swiglu", 2048, 8192, "f32") == (ge.Tuning(4, 32, 4, 4, True, 4, "na"), (512, 1, 1), (128, 1, 1))
-    assert not ge.tune(llama_node("swiglu", 2048, 8192), ge.plan(llama_node("swiglu", 2048, 8192)), "msl").stream
+    x = ge.Tuning
+    # FFN gate/up and the attention projections (K = 2048): 128 threads, 2 x vectors each, 4 rows per block
+    for shape, grid in ((("swiglu", 2048, 8192), 2048), (("add", 2048, 2048), 512), (("add", 2048, 512), 128)):
+        assert tuned(*shape) == (x(8, 128, 1, 2, xrows=4, xvecs=2, ld="na"), (grid, 1, 1), (128, 1, 1), True)
+    # FFN down (K = 8192): 256 threads, 4 x vectors each, 2 rows per block
+    assert tuned("add", 8192, 2048) == (x(8, 256, 1, 1, xrows=2, xvecs=4, ld="na"), (1024, 1, 1), (256, 1, 1), True)
+    # f32 weights, K = 2048: 4-vectors of 16 bytes: x in registers too
+    assert tuned("swiglu", 2048, 8192, "f32") == (x(4, 256, 1, 2, xrows=4, xvecs=2, ld="na"), (2048, 1, 1),
+                                                  (256, 1, 1), True)
+    # short rows: classic (f16) / streaming (f32), launched without PDL
+    t16 = tuned("add", 1024, 512)
+    assert not t16[0].xrows and not t16[0].stream and not t16[3]
+    t32 = tuned("swiglu", 1024, 8192, "f32")
+    assert t32[0].stream and t32[0].persist and not t32[3]
+    assert not ge.tune(llama_node("swiglu", 2048, 8192), ge.plan(llama_node("swiglu", 2048, 8192)), "msl").xrows
 
 
 def test_persistent_grid_splits_rows_evenly():
@@ -288,8 +295,9 @@ def test_source_does_not_depend_on_the_shape():
         node = rewrite(build("add", K, M, "f16"), default_patterns())[0].by_name("y")
         return emit(node, "cuda").source
 
-    assert src(2048, 8192) == src(3072, 16384)  # the classic body: shapes are runtime parameters
-    assert src(8192, 2048) == src(8192, 4096)   # the x-in-registers body likewise
+    assert src(1024, 8192) == src(1536, 16384)  # the classic body: shapes are runtime parameters
+    assert src(2048, 8192) == src(2048, 512)  # x in registers: the tuning follows K (tune_xreg_for), not M
+    assert src(8192, 2048) == src(8192, 4096)
 
 
 def all_variants(backend):

@@ -26,6 +26,12 @@ L1). :func:`tune` picks per backend, dtype and K from H200 measurements (``bench
 In the classic and x-in-registers bodies the epilogue operands are loaded by the finishing thread
 before the dot product (the streaming body loads them after its row's reduction).
 
+The x-in-registers body is launched with programmatic dependent launch (``Kernel.meta["pdl"]``;
+:mod:`fusec.backends.cuda_runtime`): it lets the next kernel launch at once
+(``griddepcontrol.launch_dependents``), issues its first weight loads, and only then waits for the
+previous kernel (``griddepcontrol.wait``) before reading x or the epilogue operands, so a GEMV's weight
+stream starts while the kernel before it drains.
+
 Shapes, strides and offsets are runtime parameters; the source depends on the dtypes, the plan and
 the tuning only.
 """
@@ -55,9 +61,11 @@ UNROLL = 4  # weight vectors each thread loads before using them (bytes in fligh
 LOAD_HINTS = ("", "cs", "na")  # weight loads: plain, __ldcs (evict-first), ld.global.nc.L1::no_allocate.L2::256B
 STREAM_WARPS_PER_SM = 16  # streaming body: resident warps wanted per SM (persist = this / warps per block)
 STREAM_MIN_WARPS = CUDA_SMS * 8  # streaming body: split K over more threads while fewer row warps exist
-XREG_MIN_K = 4096  # CUDA f16 weights: rows at least this long take the x-in-registers body
-XREG_THREADS, XREG_ROWS = 256, 8  # its block size and rows per block (H200 sweep, FFN down)
+XREG_MIN_K = 2048  # CUDA, 16-byte weight vectors: rows at least this long take the x-in-registers body
+XREG_THREADS, XREG_ROWS = 256, 8  # tune_xreg's defaults (tune() derives its own from the row length)
 XREG_MAX_XVECS = 8  # its x vectors per thread and K segment (8 x 8 floats: 64 registers)
+XREG_LOADS = 4  # tune(): weight vectors per thread and row group (unroll x xvecs)
+XREG_ROW_VECS = 8  # tune(): rows per block x x vectors per thread (xrows x xvecs)
 STREAM_UNROLL = {1: 8, 2: 4}  # streaming body: loads per weight and thread per chunk, by weight count
 
 
@@ -240,21 +248,33 @@ def tune(node: Tensor, p: GemvPlan, backend: str) -> Tuning:
     """Vector width: 8 halves (16 bytes) on CUDA when every weight is f16 and 8-aligned (and ``x``
     4-aligned), else 4 (16-byte f32 / 8-byte f16 loads) when weights and ``x`` are 4-aligned, else 1.
 
-    CUDA with f32 weights: the streaming body on a persistent grid (:func:`_tune_stream`); otherwise
-    (f16 weights, WGSL, MSL) the classic body (:func:`tune_classic`). From the H200 sweep
-    (bench/results/2026-11-21-h200-gemv-v2.json, back to back): f32 gate/up 83.3 % of the copy
-    ceiling streaming vs 78.5 % classic; f16 gate/up 69.5 % vs 75.6 %, down 35.2 % vs 62.4 % (the
-    classic body's best). CUDA with f16 weights (8-vectors) and rows of ``K >= XREG_MIN_K``: the
-    x-in-registers body (the classic body reads 32 bytes of f32 x per 16 bytes of weights; bench
-    results 2026-11-21-h200-gemv-v5.json, FFN down 8192 -> 2048: 77.3 % of the copy ceiling in the
-    steady state vs 68.2 % classic; for K = 2048 the classic body stays ahead)."""
+    CUDA with 16-byte weight vectors (f16 x 8, f32 x 4) and rows of ``K >= XREG_MIN_K``: the
+    x-in-registers body with PDL (:func:`tune_xreg_for`). Other CUDA f32 weights: the streaming body
+    on a persistent grid (:func:`_tune_stream`); otherwise (WGSL, MSL, short or unaligned rows) the
+    classic body (:func:`tune_classic`). From the H200 sweeps (bench/results/2026-11-21-h200-gemv-v9.json,
+    steady state: graph replays back to back, % of the copy ceiling): FFN down 8192 -> 2048 90.2 %
+    (x-in-registers, 256 threads, 2 rows per block) vs 81.1 % (8 rows per block, the previous default)
+    and 64.8 % classic; gate/up 2048 -> 2 x 8192 92.6 % (128 threads, 4 rows) vs 86.1 % classic; f32
+    gate/up 96.6 % vs 90.7 % streaming."""
     w = node.src[p.weights[0]]
+    vec = _vec(node, p, backend)
+    if backend == "cuda" and vec * w.dtype.size == 16 and w.ne[0] >= XREG_MIN_K:
+        return tune_xreg_for(vec, w.ne[0] // vec)
     if backend == "cuda" and all(node.src[i].dtype == DType.F32 for i in p.weights):
-        vec = _vec(node, p, backend)
         return _tune_stream(vec, -(-w.ne[0] // vec), w.ne[1], len(p.weights))
-    if backend == "cuda" and _vec(node, p, backend) == 8 and w.ne[0] >= XREG_MIN_K:
-        return tune_xreg(8, w.ne[0] // 8)
     return tune_classic(node, p, backend)
+
+
+def tune_xreg_for(vec: int, nvec: int) -> Tuning:
+    """The x-in-registers tuning :func:`tune` derives from the row length (``nvec`` ``vec``-vectors):
+    threads ``tpr = nvec / 2`` clamped to 32..256 (each thread holds ``xvecs = nvec / tpr`` x vectors:
+    2 for K = 2048 f16, 4 for K = 8192), ``XREG_LOADS`` weight vectors per row group (``unroll = 4 /
+    xvecs`` rows) and ``xrows = XREG_ROW_VECS / xvecs`` rows per block: registers stay at about
+    2 groups x 4 vectors + x + accumulators whatever K, so several blocks fit an SM and a next kernel's
+    blocks find room while this one drains."""
+    tpr = 1 << max(5, min(8, (max(1, nvec // 2)).bit_length() - 1))
+    xvecs = max(1, min(XREG_MAX_XVECS, -(-nvec // tpr)))
+    return tune_xreg(vec, nvec, tpr, max(1, XREG_ROW_VECS // xvecs), max(1, XREG_LOADS // xvecs))
 
 
 def tune_xreg(vec: int, nvec: int, tpr: int = XREG_THREADS, xrows: int = XREG_ROWS, unroll: int = 1,
