@@ -394,6 +394,83 @@ def run_case(cp, timeit, timeit_fast, rng, ceiling, sms, name, kind, K, M, wdt, 
     return res
 
 
+FFN_DIMS = (2048, 8192)  # Llama-3.2-1B: n_embd, n_ff
+VIEW_OPS = {"VIEW", "RESHAPE", "PERMUTE", "TRANSPOSE"}
+
+
+def build_ffn_block(n_embd: int, n_ff: int, wdt: str = "f16"):
+    """Llama's decode FFN block as llama.cpp builds it: ``y = x + W_down(swiglu(W_gate(h), W_up(h)))``
+    with ``h = rms_norm(x) * ffn_norm`` (one token)."""
+    b = GraphBuilder()
+    x = b.input("x", "f32", (n_embd, 1))
+    h = b.mul(b.rms_norm(x, 1e-5, name="norm"), b.weight("ffn_norm", "f32", (n_embd,)), name="h")
+    g = b.mul_mat(b.weight("w_gate", wdt, (n_embd, n_ff)), h, name="g")
+    u = b.mul_mat(b.weight("w_up", wdt, (n_embd, n_ff)), h, name="u")
+    d = b.mul_mat(b.weight("w_down", wdt, (n_ff, n_embd)), b.swiglu(g, u, name="s"), name="d")
+    return b.build([b.add(d, x, name="y")])
+
+
+def run_ffn_chain(cp, timeit, ceiling) -> dict:
+    """The FFN block of one decode step as fusec runs it on CUDA: the rewritten graph's kernels (norm
+    epilogue, gate/up SWIGLU GEMV, down GEMV + residual ADD) launched in order over R copies of the
+    weights in one CUDA graph, with programmatic dependent launch as the backend does it and with PDL
+    off. Checked against the interpreter first (every copy after the timed replays too). % copy on
+    the weight bytes (the three matrices)."""
+    from fusec.interp import interpret  # noqa: PLC0415
+
+    n_embd, n_ff = FFN_DIMS
+    g = build_ffn_block(n_embd, n_ff)
+    fused, _ = rewrite(g, default_patterns())
+    kernels = [emit(t, "cuda") for t in fused.nodes if t.src and t.op not in VIEW_OPS]
+    wnames = ("w_gate", "w_up", "w_down")
+    wbytes = sum(t.nbytes for t in g.leaves if t.name in wnames)
+    R = max(2, -(-(256 << 20) // wbytes))
+    host = {t.name: (np.random.default_rng(7).standard_normal(t.ne[::-1]) *
+                     (1.0 / np.sqrt(t.ne[0]) if t.name.startswith("w_") else 1.0)).astype(t.dtype.np)
+            for t in g.leaves}
+    host["ffn_norm"] = (1.0 + 0.1 * host["ffn_norm"]).astype(np.float32)
+    ref = interpret(g, host)["y"].reshape(-1).astype(np.float64)
+    shared = {}
+    copies = [{n: cp.asarray(host[n]) for n in wnames} for _ in range(R)]
+
+    def buf(root, r):
+        if root.name in wnames:
+            return copies[r][root.name]
+        if root.name not in shared:
+            shared[root.name] = cp.asarray(host[root.name]) if root.name in host else \
+                cp.full(root.span_bytes // 4, cp.nan, cp.float32)
+        return shared[root.name]
+
+    bound = [[(k, [buf(b.tensor.root, r) for b in k.bindings], cr.params_value(k)) for k in kernels]
+             for r in range(R)]
+    out_name = fused.outputs[0].root.name
+
+    def body(pdl):
+        def seq(st):
+            for launches in bound:
+                for k, bufs, prm in launches:
+                    cr.launch(k, bufs, prm, stream=st, pdl=None if pdl else False)
+        return seq
+
+    res = {"case": "FFN block (norm -> gate/up -> down + ADD)", "n_embd": n_embd, "n_ff": n_ff,
+           "kernels": [k.entry for k in kernels], "pdl_kernels": [k.entry for k in kernels if cr.uses_pdl(k)],
+           "weight_bytes": wbytes, "copies": R}
+    for name, pdl in (("pdl", True), ("nopdl", False)):
+        shared[out_name].fill(cp.nan)
+        graph_time_steady(cp, body(pdl), replays=2, repeats=1)
+        got = cp.asnumpy(shared[out_name]).astype(np.float64)[: ref.size]
+        rel = float(np.linalg.norm(got - ref) / np.linalg.norm(ref)) if np.all(np.isfinite(got)) else float("inf")
+        ts = graph_time_steady(cp, body(pdl)) / R
+        tb = graph_time(cp, timeit, body(pdl)) / R
+        res[name] = {"rel_err": rel, "ok": rel <= REL_BOUND, "steady_s": ts, "b2b_s": tb,
+                     "steady_pct_copy": 100 * wbytes / ts / 1e9 / ceiling,
+                     "b2b_pct_copy": 100 * wbytes / tb / 1e9 / ceiling}
+        print(f"  FFN block {name:6s} rel {rel:.1e} {'OK ' if rel <= REL_BOUND else 'BAD'} steady {ts * 1e6:7.2f} us "
+              f"{res[name]['steady_pct_copy']:5.1f}% | b2b {tb * 1e6:7.2f} us {res[name]['b2b_pct_copy']:5.1f}% "
+              f"(weights {wbytes >> 20} MiB, kernels {', '.join(res['kernels'])})", flush=True)
+    return res
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="bench_gemv.json")
@@ -426,6 +503,8 @@ def main() -> int:
         meta["wall_s"] = time.perf_counter() - t0
         meta["complete"] = len(results) == len(CASES)
         Path(args.out).write_text(json.dumps({"meta": meta, "results": results}, indent=1))
+    ffn = run_ffn_chain(cp, timeit, ceiling)
+    Path(args.out).write_text(json.dumps({"meta": meta, "results": results, "ffn_block": ffn}, indent=1))
     print(f"\ncopy ceiling {ceiling:.0f} GB/s (1 GiB device copy), {sms} SMs, {meta['wall_s']:.0f} s")
     nan = float("nan")
     hdr = f"{'case':24s} {'KxM':>10s} {'fused us':>9s} {'again':>7s} {'%copy':>6s} {'best%':>6s} " \

@@ -66,6 +66,7 @@ XREG_THREADS, XREG_ROWS = 256, 8  # tune_xreg's defaults (tune() derives its own
 XREG_MAX_XVECS = 8  # its x vectors per thread and K segment (8 x 8 floats: 64 registers)
 XREG_LOADS = 4  # tune(): weight vectors per thread and row group (unroll x xvecs)
 XREG_ROW_VECS = 8  # tune(): rows per block x x vectors per thread (xrows x xvecs)
+XREG_MAX_NVEC = 1024  # tune_xreg_for's range: rows of at most this many 16-byte vectors (K = 8192 f16, 4096 f32)
 STREAM_UNROLL = {1: 8, 2: 4}  # streaming body: loads per weight and thread per chunk, by weight count
 
 
@@ -248,20 +249,25 @@ def tune(node: Tensor, p: GemvPlan, backend: str) -> Tuning:
     """Vector width: 8 halves (16 bytes) on CUDA when every weight is f16 and 8-aligned (and ``x``
     4-aligned), else 4 (16-byte f32 / 8-byte f16 loads) when weights and ``x`` are 4-aligned, else 1.
 
-    CUDA with 16-byte weight vectors (f16 x 8, f32 x 4) and rows of ``K >= XREG_MIN_K``: the
-    x-in-registers body with PDL (:func:`tune_xreg_for`). Other CUDA f32 weights: the streaming body
-    on a persistent grid (:func:`_tune_stream`); otherwise (WGSL, MSL, short or unaligned rows) the
-    classic body (:func:`tune_classic`). From the H200 sweeps (bench/results/2026-11-21-h200-gemv-v9.json,
+    CUDA with 16-byte weight vectors (f16 x 8, f32 x 4) and rows of ``K >= XREG_MIN_K`` and at most
+    ``XREG_MAX_NVEC`` vectors (the measured range): the x-in-registers body with PDL
+    (:func:`tune_xreg_for`). Other CUDA f32 weights: the streaming body on a persistent grid
+    (:func:`_tune_stream`); longer f16 rows: the x-in-registers body in K segments
+    (:func:`tune_xreg`'s defaults); otherwise (WGSL, MSL, short or unaligned rows) the classic body
+    (:func:`tune_classic`). From the H200 sweeps (bench/results/2026-11-21-h200-gemv-v9.json,
     steady state: graph replays back to back, % of the copy ceiling): FFN down 8192 -> 2048 90.2 %
     (x-in-registers, 256 threads, 2 rows per block) vs 81.1 % (8 rows per block, the previous default)
     and 64.8 % classic; gate/up 2048 -> 2 x 8192 92.6 % (128 threads, 4 rows) vs 86.1 % classic; f32
     gate/up 96.6 % vs 90.7 % streaming."""
     w = node.src[p.weights[0]]
     vec = _vec(node, p, backend)
-    if backend == "cuda" and vec * w.dtype.size == 16 and w.ne[0] >= XREG_MIN_K:
-        return tune_xreg_for(vec, w.ne[0] // vec)
+    nvec = -(-w.ne[0] // vec)
+    if backend == "cuda" and vec * w.dtype.size == 16 and w.ne[0] >= XREG_MIN_K and nvec <= XREG_MAX_NVEC:
+        return tune_xreg_for(vec, nvec)
     if backend == "cuda" and all(node.src[i].dtype == DType.F32 for i in p.weights):
-        return _tune_stream(vec, -(-w.ne[0] // vec), w.ne[1], len(p.weights))
+        return _tune_stream(vec, nvec, w.ne[1], len(p.weights))
+    if backend == "cuda" and vec == 8 and w.ne[0] >= XREG_MIN_K:  # longer f16 rows: x in registers, segments
+        return tune_xreg(8, nvec)
     return tune_classic(node, p, backend)
 
 
