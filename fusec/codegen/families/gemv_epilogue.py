@@ -434,4 +434,5 @@ def build(node: Tensor, backend: str, tuning: Tuning | None = None, sms: int = C
                   meta={"plan": p, "tuning": tu, "pdl": bool(tu.xrows)})
 
 
-__all__ = ["GemvPlan", "Step", "Tuning", "build", "emit_gemv_epilogue", "plan", "tune", "tune_classic", "tune_xreg"]
+__all__ = ["GemvPlan", "Step", "Tuning", "build", "emit_gemv_epilogue", "plan", "tune", "tune_classic", "tune_xreg",
+           "tune_xreg_for"]
